@@ -1,0 +1,252 @@
+"""snce.py against naive float64 references: values, gradients, masks, reductions, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snce import (METRICS, dissimilarity, fused_linear_snce, nearest_code, neighbor_probs,
+                  snce_loss)
+
+f64 = torch.float64
+
+
+# --- naive references, written from the definitions in DESIGN.md section 2 -----------------
+
+def naive_d(z, C, metric):
+    if metric == "l2":
+        return ((z[..., None, :] - C) ** 2).sum(-1)
+    if metric == "dot":
+        return -(z[..., None, :] * C).sum(-1)
+    return -F.cosine_similarity(z[..., None, :], C, dim=-1)
+
+
+def naive_q(z, C, tau, metric):
+    return torch.softmax(-naive_d(z, C, metric) / tau, dim=-1)
+
+
+def naive_loss(logits, q, mask=None, reduction="mean"):
+    rows = -(q * logits.log_softmax(-1)).sum(-1)
+    if mask is not None:
+        rows = rows * mask
+    n = rows.numel() if mask is None else mask.sum()
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / max(int(n), 1)
+
+
+def problem(lead=(3, 5), K=11, D=4, H=6, seed=0, dtype=f64):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(K, D, generator=g, dtype=dtype)
+    z = torch.randn(*lead, D, generator=g, dtype=dtype)
+    h = torch.randn(*lead, H, generator=g, dtype=dtype)
+    W = torch.randn(K, H, generator=g, dtype=dtype)
+    b = torch.randn(K, generator=g, dtype=dtype)
+    mask = torch.rand(*lead, generator=g) < 0.5
+    return z, C, h, W, b, mask
+
+
+def grads(loss, tensors, weights=None):
+    if weights is not None:       # a non-uniform grad_output exercises the per-row backward
+        loss = (loss * weights).sum()
+    return torch.autograd.grad(loss, tensors)
+
+
+# --- the metric definitions ----------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_dissimilarity_and_nearest_code(metric):
+    z, C, *_ = problem(lead=(2, 7))
+    torch.testing.assert_close(dissimilarity(z, C, metric), naive_d(z, C, metric))
+    want = naive_d(z, C, metric).argmin(-1)
+    assert torch.equal(nearest_code(z, C, metric), want)
+    assert torch.equal(nearest_code(z, C, metric, chunk_size=3), want)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("tau", [0.1, 1.0, 7.0])
+def test_neighbor_probs(metric, tau):
+    z, C, *_ = problem()
+    q = neighbor_probs(z, C, tau, metric)
+    assert q.shape == (3, 5, 11)
+    torch.testing.assert_close(q, naive_q(z, C, tau, metric))
+
+
+def test_neighbor_probs_limits():
+    z, C, *_ = problem()
+    one_hot = F.one_hot(naive_d(z, C, "l2").argmin(-1), 11).to(f64)
+    torch.testing.assert_close(neighbor_probs(z, C, 0.0), one_hot)
+    torch.testing.assert_close(neighbor_probs(z, C, 1e-4), one_hot)
+    torch.testing.assert_close(neighbor_probs(z, C, 1e6), torch.full_like(one_hot, 1 / 11),
+                               atol=1e-4, rtol=0)
+
+
+# --- snce_loss and fused_linear_snce against the dense reference ---------------------------
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_snce_loss_matches_dense(metric, reduction, masked, chunk_size):
+    z, C, h, W, b, mask = problem()
+    mask = mask if masked else None
+    logits = (h @ W.t()).requires_grad_()
+    q = naive_q(z, C, 0.7, metric)
+    ref = naive_loss(logits, q, mask, reduction)
+    got = snce_loss(logits, z, C, 0.7, metric, mask=mask, chunk_size=chunk_size,
+                    reduction=reduction)
+    torch.testing.assert_close(got, ref)
+    w = torch.rand(3, 5, dtype=f64) if reduction == "none" else None
+    torch.testing.assert_close(grads(got, [logits], w), grads(ref, [logits], w))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_fused_matches_dense(metric, reduction, masked, use_bias):
+    z, C, h, W, b, mask = problem()
+    mask = mask if masked else None
+    h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
+    bias = b if use_bias else None
+    params = [h, W] + ([b] if use_bias else [])
+    logits = h @ W.t() + (b if use_bias else 0)
+    ref = naive_loss(logits, naive_q(z, C, 0.7, metric), mask, reduction)
+    w = torch.rand(3, 5, dtype=f64) if reduction == "none" else None
+    want = grads(ref, params, w)
+    for chunk_size in (None, 1, 4):
+        got = fused_linear_snce(h, W, z, C, 0.7, metric, bias=bias, mask=mask,
+                                chunk_size=chunk_size, reduction=reduction)
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(grads(got, params, w), want)
+
+
+def test_gradient_is_p_minus_q():
+    """Eq. 11: dL/ds = p - q for the summed loss."""
+    z, C, h, W, *_ = problem(lead=(9,))
+    logits = (h @ W.t()).requires_grad_()
+    (g,) = grads(snce_loss(logits, z, C, 0.5, reduction="sum"), [logits])
+    torch.testing.assert_close(g, logits.softmax(-1) - naive_q(z, C, 0.5, "l2"))
+
+
+def test_kl_plus_entropy():
+    z, C, h, W, *_ = problem(lead=(9,))
+    logits = h @ W.t()
+    q, logp = naive_q(z, C, 0.5, "l2"), logits.log_softmax(-1)
+    kl = (q * (q.log() - logp)).sum(-1)
+    ent = -(q * q.log()).sum(-1)
+    torch.testing.assert_close(snce_loss(logits, z, C, 0.5, reduction="none"), kl + ent)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_tau_zero_is_cross_entropy_on_nearest_code(metric):
+    z, C, h, W, b, _ = problem()
+    h, W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    code = naive_d(z, C, metric).argmin(-1)
+    ref = F.cross_entropy((h @ W.t()).reshape(-1, 11), code.reshape(-1))
+    want = torch.autograd.grad(ref, [h, W], retain_graph=True)
+    for got in (snce_loss(h @ W.t(), z, C, 0.0, metric),
+                fused_linear_snce(h, W, z, C, 0.0, metric, chunk_size=4)):
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(grads(got, [h, W]), want)
+    # a tiny tau is CE too, up to exp(-gap / tau)
+    torch.testing.assert_close(fused_linear_snce(h, W, z, C, 1e-4, metric), ref)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_hard_targets_and_label_smoothing(eps):
+    z, C, h, W, b, mask = problem()
+    h, W = h.clone().requires_grad_(), W.clone().requires_grad_()
+    codes = torch.randint(0, 11, (3, 5))
+    ref = F.cross_entropy((h @ W.t())[mask], codes[mask], label_smoothing=eps)
+    got = fused_linear_snce(h, W, None, None, 0.0, mask=mask, targets=codes,
+                            label_smoothing=eps, chunk_size=2)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(grads(got, [h, W]), grads(ref, [h, W]))
+    got = snce_loss(h @ W.t(), None, None, 0.0, mask=mask, targets=codes, label_smoothing=eps)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_mask_gives_zero_loss_and_zero_grads(reduction):
+    z, C, h, W, b, _ = problem()
+    h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
+    none = torch.zeros(3, 5, dtype=torch.bool)
+    for loss in (fused_linear_snce(h, W, z, C, bias=b, mask=none, reduction=reduction),
+                 snce_loss(h @ W.t() + b, z, C, mask=none, reduction=reduction)):
+        assert torch.all(loss == 0)
+        for g in torch.autograd.grad(loss.sum(), [h, W, b]):
+            assert torch.all(g == 0)
+
+
+def test_no_gradient_into_latents_or_codebook():
+    z, C, h, W, *_ = problem()
+    z, C, W = z.clone().requires_grad_(), C.clone().requires_grad_(), W.clone().requires_grad_()
+    for loss in (fused_linear_snce(h, W, z, C), snce_loss(h @ W.t(), z, C)):
+        gz, gC = torch.autograd.grad(loss, [z, C], allow_unused=True)
+        assert gz is None and gC is None
+
+
+def test_low_precision_accumulates_in_fp32():
+    z, C, h, W, b, mask = problem(lead=(64,), K=300, H=32, dtype=torch.float32)
+    ref = naive_loss((h @ W.t()).double(), naive_q(z.double(), C.double(), 1.0, "l2"), mask)
+    hb, Wb = h.bfloat16().requires_grad_(), W.bfloat16().requires_grad_()
+    got = fused_linear_snce(hb, Wb, z, C, 1.0, mask=mask, chunk_size=16)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 0.05 * abs(ref.item())
+    gh, gW = grads(got, [hb, Wb])
+    assert gh.dtype == gW.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # train.py's setting: fp32 weight
+        W32 = W.clone().requires_grad_()
+        got = fused_linear_snce(h.bfloat16(), W32, z, C, 1.0, mask=mask)
+    assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 0.05 * abs(ref.item())
+    (gW,) = grads(got, [W32])
+    assert gW.dtype == torch.float32 and torch.isfinite(gW).all()
+
+
+def test_large_vocab_chunking_is_invariant():
+    z, C, h, W, b, mask = problem(lead=(50,), K=3000, H=16, dtype=torch.float32)
+    h, W = h.requires_grad_(), W.requires_grad_()
+    outs = []
+    for chunk_size in (7, 50, None):
+        loss = fused_linear_snce(h, W, z, C, 0.3, "dot", mask=mask, chunk_size=chunk_size)
+        outs.append((loss, *grads(loss, [h, W])))
+    for a, b_ in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b_)
+    for a, b_ in zip(outs[0], outs[2]):
+        torch.testing.assert_close(a, b_)
+
+
+# --- bad input: a clear ValueError saying what was expected ---------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=-1.0), "tau must be"),
+    (dict(tau=float("nan")), "tau must be"),
+    (dict(metric="cosine"), "metric must be one of"),
+    (dict(reduction="avg"), "reduction must be"),
+    (dict(C=torch.randn(10, 4, dtype=f64)), r"codebook must be \(K, D\) with K = 11"),
+    (dict(z=torch.randn(3, 5, 3, dtype=f64)), r"latents must be \(3, 5, 4\)"),
+    (dict(z=torch.full((3, 5, 4), float("nan"), dtype=f64)), "NaN or inf"),
+    (dict(mask=torch.ones(3, 4, dtype=torch.bool)), "mask must be a bool tensor of shape"),
+    (dict(mask=torch.ones(3, 5)), "mask must be a bool tensor"),
+    (dict(tau=0.0, targets=torch.full((3, 5), 11)), r"codes in \[0, 11\)"),
+    (dict(tau=0.0, targets=torch.zeros(15, dtype=torch.long)), "targets must have shape"),
+    (dict(targets=torch.zeros(3, 5, dtype=torch.long)), "only used with tau == 0"),
+    (dict(tau=0.0, label_smoothing=1.0), "label_smoothing must be in"),
+])
+def test_bad_input(kwargs, match):
+    z, C, h, W, b, mask = problem()
+    z, C = kwargs.pop("z", z), kwargs.pop("C", C)
+    with pytest.raises(ValueError, match=match):
+        snce_loss(h @ W.t(), z, C, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_snce(h, W, z, C, **kwargs)
+
+
+def test_bad_weight_and_bias_shapes():
+    z, C, h, W, b, _ = problem()
+    with pytest.raises(ValueError, match=r"weight must be \(K, H\) with H = 6"):
+        fused_linear_snce(h, W[:, :5], z, C)
+    with pytest.raises(ValueError, match=r"bias must be \(11,\)"):
+        fused_linear_snce(h, W, z, C, bias=b[:3])
+    with pytest.raises(ValueError, match="latents and codebook are required"):
+        fused_linear_snce(h, W, None, None, tau=0.0)
