@@ -34,6 +34,7 @@ Benchmark (prints one table; CPU, plus CUDA when present):
 import math
 
 import torch
+import torch.nn.functional as F
 
 METRICS = ("l2", "cos", "dot")
 CHUNK_BYTES = 128 * 2**20  # budget for one chunk's two (rows, K) fp32 scratch buffers
@@ -188,9 +189,11 @@ class _Targets:
         s.sub_(s.amax(1, keepdim=True))                   # stable softmax; the shift cancels
         if self.soft:
             t = _teacher_logits(self.z[rows], self.A, self.b, out=tbuf[:s.shape[0]])  # (c, K)
-            t.sub_(t.amax(1, keepdim=True)).exp_()        # unnormalised q
+            t.sub_(t.amax(1, keepdim=True))
+            # q_k < e^-60 is exactly 0 at fp32/fp64 precision: zero it (no slow denormals)
+            F.threshold_(t, -60.0, -math.inf).exp_()      # unnormalised q
             tsum = t.sum(1, keepdim=True)                 # (c, 1)
-            qs = torch.bmm(t.unsqueeze(1), s.unsqueeze(2)).view(-1, 1) / tsum   # sum_k q_k s_k
+            qs = torch.linalg.vecdot(t, s).view(-1, 1) / tsum  # sum_k q_k s_k
         else:
             tgt = self.target[rows].view(-1, 1)
             qs = (1 - self.eps) * s.gather(1, tgt)
