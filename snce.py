@@ -49,11 +49,23 @@ def _check_metric(metric):
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
+def _check_codebook(latents, codebook):
+    if codebook.dim() != 2 or latents.shape[-1:] != codebook.shape[1:]:
+        raise ValueError(f"need latents (..., D) and codebook (K, D), got {tuple(latents.shape)} "
+                         f"and {tuple(codebook.shape)}")
+
+
+def _acc_dtype(x):
+    """fp64 stays fp64 (tests); everything else computes its softmaxes in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def dissimilarity(latents, codebook, metric="l2"):
     """d(z, c_k) for every code, exactly as defined: (..., D), (K, D) -> (..., K). Dense."""
     _check_metric(metric)
-    z, c = latents.float() if latents.dtype in (torch.float16, torch.bfloat16) else latents, codebook
-    c = c.to(z.dtype)
+    _check_codebook(latents, codebook)
+    z = latents.to(_acc_dtype(latents))
+    c = codebook.to(z.dtype)
     if metric == "l2":
         # ||z||^2 - 2 z.c + ||c||^2, clamped: rounding can make it slightly negative
         d = (z * z).sum(-1, keepdim=True) - 2 * z @ c.t() + (c * c).sum(-1)
@@ -70,8 +82,7 @@ def _unit(x):
 def _teacher(codebook, tau, metric):
     """(A, b) with -d(z, c_k) / tau = prep(z) @ A^T + b + (per-row const). tau == 0 -> scale 1
     (only the argmax is used then). A (K, D) fp32 or fp64, b (K,) or None."""
-    c = codebook.detach()
-    c = c.float() if c.dtype in (torch.float16, torch.bfloat16) else c
+    c = codebook.detach().to(_acc_dtype(codebook))
     inv = 1.0 / tau if tau > 0 else 1.0
     if metric == "l2":
         return c * (2 * inv), (c * c).sum(-1) * -inv
@@ -95,11 +106,11 @@ def _teacher_logits(z, A, b, out=None):
 def nearest_code(latents, codebook, metric="l2", chunk_size=None):
     """argmin_k d(z, c_k): (..., D), (K, D) -> (...) int64. Chunked over rows (bounded memory)."""
     _check_metric(metric)
+    _check_codebook(latents, codebook)
     K, D = codebook.shape
-    z = latents.reshape(-1, D)
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    dtype = _acc_dtype(latents)
     A, b = _teacher(codebook.to(dtype), 0.0, metric)
-    z = _prep(z, metric, dtype)
+    z = _prep(latents.reshape(-1, D), metric, dtype)
     n = chunk_size or _default_chunk(K)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for i in range(0, z.shape[0], n):
@@ -228,24 +239,21 @@ def _row_scale(reduction, n_counted, grad_rows, rows, like):
     return torch.full((like.shape[0], 1), w, dtype=like.dtype, device=like.device)
 
 
-def _reduce(loss_rows, reduction, n_counted, idx, rows_shape):
+def _reduce(loss_rows, reduction, n_counted, idx, n_rows):
+    """The loss from the counted rows' losses; 'none' gives (n_rows,) with 0 where not counted."""
     if reduction == "sum":
         return loss_rows.sum()
     if reduction == "mean":
         return loss_rows.sum() / max(n_counted, 1)
     if idx is None:
-        return loss_rows.view(rows_shape)
-    full = loss_rows.new_zeros(rows_shape.numel())
+        return loss_rows
+    full = loss_rows.new_zeros(n_rows)
     full[idx] = loss_rows
-    return full.view(rows_shape)
+    return full
 
 
 def _n(rows):
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class _SNCELoss(torch.autograd.Function):
         loss_rows = _snce_pass(logits, tg, idx, chunk_size, reduction, n, None, grad)
         ctx.tg, ctx.chunk_size, ctx.reduction, ctx.n = tg, chunk_size, reduction, n
         ctx.save_for_backward(logits if not keep else grad, idx)
-        return _reduce(loss_rows, reduction, n, idx, torch.Size([N]))
+        return _reduce(loss_rows, reduction, n, idx, N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -306,8 +314,12 @@ def snce_loss(logits, latents, codebook, tau=1.0, metric="l2", mask=None, chunk_
     idx = _rows(mask, rows_shape, logits.device)
     with torch.autocast(logits.device.type, enabled=False):
         tg = _Targets(latents, codebook, tau, metric, targets, label_smoothing, K, _acc_dtype(logits))
-        loss = _SNCELoss.apply(logits.reshape(-1, K), tg, idx, chunk_size or _default_chunk(K),
-                               reduction)
+        args = (logits.reshape(-1, K), tg, idx, chunk_size or _default_chunk(K), reduction)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss = _SNCELoss.apply(*args)
+        else:   # eval: the loss only (a Function would compute dL/dlogits regardless)
+            n = len(logits.reshape(-1, K)) if idx is None else idx.numel()
+            loss = _reduce(_snce_pass(*args, n, None, None), reduction, n, idx, rows_shape.numel())
     return loss.view(rows_shape) if reduction == "none" else loss
 
 
@@ -330,7 +342,7 @@ class _FusedLinearSNCE(torch.autograd.Function):
             ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         else:
             ctx.save_for_backward(hidden, weight, bias, idx)
-        return _reduce(loss_rows, reduction, n, idx, torch.Size([N]))
+        return _reduce(loss_rows, reduction, n, idx, N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -410,8 +422,15 @@ def fused_linear_snce(hidden, weight, latents, codebook, tau=1.0, metric="l2", b
     idx = _rows(mask, rows_shape, hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         tg = _Targets(latents, codebook, tau, metric, targets, label_smoothing, K, _acc_dtype(hidden))
-        chunk = chunk_size or _default_chunk(K, 4 * H)
-        loss = _FusedLinearSNCE.apply(hidden.reshape(-1, H), weight, bias, tg, idx, chunk, reduction)
+        args = (hidden.reshape(-1, H), weight, bias, tg, idx, chunk_size or _default_chunk(K, 4 * H),
+                reduction)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (hidden, weight, bias)):
+            loss = _FusedLinearSNCE.apply(*args)
+        else:   # eval: one matmul per chunk, no gradient work
+            n = args[0].shape[0] if idx is None else idx.numel()
+            loss_rows, _ = _fused_pass(*args, n, None, (False,) * 3)
+            loss = _reduce(loss_rows, reduction, n, idx, rows_shape.numel())
     return loss.view(rows_shape) if reduction == "none" else loss
 
 

@@ -2,7 +2,7 @@
 The paper's toy experiment (Fig. 2), with numbers: L2 regression vs CE vs SNCE on a 2D
 two-Gaussian latent quantized by a large uniform grid, from only 100 training points.
 
-    python toy.py                                  # 3 seeds, writes toy.png + toy_metrics.json
+    python toy.py                                  # 3 seeds: assets/toy.png, assets/toy_metrics.json
     python toy.py --tau 0.02 0.05 0.1 0.2 0.5 1    # + a tau sweep, toy_tau.png (first tau = main)
     python toy.py --seeds 5 --out_dir out/toy
 
@@ -96,7 +96,7 @@ def mlp(out_dim):
     return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
-def train(objective, x, codebook, tau, seed, bar):
+def train(objective, x, codebook, tau, seed, steps, bar):
     """Fit one objective on the training points x (N, 2); returns the model's output:
     the predicted point (2,) for 'l2', log-probabilities over the K tokens otherwise."""
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def train(objective, x, codebook, tau, seed, bar):
     opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
     one = torch.ones(1, 1)
     x32, C32 = x.float(), codebook.float()
-    for _ in range(STEPS):
+    for _ in range(steps):
         out = net(one)                                            # (1, 2) or (1, K)
         if objective == "l2":
             loss = (out - x32).pow(2).sum(-1).mean()
@@ -124,7 +124,7 @@ def evaluate(logp, P, eval_tokens):
             "tv": 0.5 * (logp.exp() - P).abs().sum().item()}
 
 
-def run(taus, seeds, bar):
+def run(taus, seeds, steps, bar):
     """Every seed: a fresh dataset, then L2, CE and SNCE at every tau. Returns the metrics and
     the first seed's outputs for the figure."""
     _, codebook = grid_centers()
@@ -135,13 +135,13 @@ def run(taus, seeds, bar):
     shown = None
     for seed in range(seeds):
         x = sample(N_TRAIN, torch.Generator().manual_seed(seed))
-        point = train("l2", x, codebook, 0.0, seed, bar)
+        point = train("l2", x, codebook, 0.0, seed, steps, bar)
         m["l2"]["mode_dist"].append((CENTERS - point).norm(dim=1).min().item())
-        ce = train("ce", x, codebook, 0.0, seed, bar)
+        ce = train("ce", x, codebook, 0.0, seed, steps, bar)
         for k, v in evaluate(ce, P, eval_tokens).items():
             m["ce"][k].append(v)
         for tau in taus:
-            sn = train("snce", x, codebook, tau, seed, bar)
+            sn = train("snce", x, codebook, tau, seed, steps, bar)
             for k, v in evaluate(sn, P, eval_tokens).items():
                 m["snce"][tau][k].append(v)
             if shown is None:
@@ -226,22 +226,24 @@ def main():
     p.add_argument("--tau", type=float, nargs="+", default=[0.1],
                    help="SNCE temperature(s); the first is the figure's, several make a sweep")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out_dir", default=".")
+    p.add_argument("--steps", type=int, default=STEPS, help="training steps per objective")
+    p.add_argument("--out_dir", default="assets", help="where toy.png, toy_metrics.json go")
     args = p.parse_args()
-    if args.seeds < 1 or any(t <= 0 for t in args.tau):
-        p.error(f"need --seeds >= 1 and every --tau > 0, got {args.seeds} and {args.tau}")
+    if args.seeds < 1 or args.steps < 1 or any(t <= 0 for t in args.tau):
+        p.error(f"need --seeds >= 1, --steps >= 1 and every --tau > 0, got {args.seeds}, "
+                f"{args.steps} and {args.tau}")
     os.makedirs(args.out_dir, exist_ok=True)
     torch.set_num_threads(1)   # batch-1 MLP steps: threading costs more than it gives
     t0 = time.time()
-    with tqdm(total=args.seeds * (2 + len(args.tau)) * STEPS, desc="toy", unit="step") as bar:
-        m, truth, shown = run(args.tau, args.seeds, bar)
+    with tqdm(total=args.seeds * (2 + len(args.tau)) * args.steps, desc="toy", unit="step") as bar:
+        m, truth, shown = run(args.tau, args.seeds, args.steps, bar)
     print(table(m, truth, args.tau))
     fig_path = os.path.join(args.out_dir, "toy.png")
     figure(shown, args.tau[0], fig_path)
     out = {"ce": m["ce"], "snce": m["snce"][args.tau[0]], "l2": m["l2"], "ground_truth": truth,
            "config": dict(centers=CENTERS.tolist(), std=STD, square=[-HALF_WIDTH, HALF_WIDTH],
                           grid=GRID, vocab=GRID * GRID, n_train=N_TRAIN, n_eval=N_EVAL,
-                          depth=DEPTH, width=WIDTH, steps=STEPS, lr=LR, tau=args.tau[0],
+                          depth=DEPTH, width=WIDTH, steps=args.steps, lr=LR, tau=args.tau[0],
                           seeds=args.seeds, metric="l2")}
     if len(args.tau) > 1:
         out["tau_sweep"] = {str(t): m["snce"][t] for t in args.tau}

@@ -250,3 +250,24 @@ def test_bad_weight_and_bias_shapes():
         fused_linear_snce(h, W, z, C, bias=b[:3])
     with pytest.raises(ValueError, match="latents and codebook are required"):
         fused_linear_snce(h, W, None, None, tau=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_grad_eval_gives_the_same_loss(reduction):
+    z, C, h, W, b, mask = problem()
+    h = h.clone().requires_grad_()
+    want = fused_linear_snce(h, W, z, C, 0.5, mask=mask, reduction=reduction)
+    with torch.no_grad():
+        got = fused_linear_snce(h, W, z, C, 0.5, mask=mask, reduction=reduction)
+        got2 = snce_loss(h @ W.t(), z, C, 0.5, mask=mask, reduction=reduction)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(got2, want.detach())
+
+
+def test_metric_helpers_reject_bad_shapes():
+    z, C, *_ = problem()
+    with pytest.raises(ValueError, match=r"need latents \(..., D\) and codebook \(K, D\)"):
+        nearest_code(z[..., :3], C)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        dissimilarity(z, C, "L2")
