@@ -26,9 +26,10 @@ Public API (DESIGN.md section 4):
     dissimilarity / nearest_code                                         the metric definitions,
                                                                          shared with tokenizer.py
 
-Benchmark (prints one table; CPU, plus CUDA when present):
-    python snce.py                                   # N=4096 H=256 D=8 K=65536 fp32 on CPU
-    python snce.py --device=cuda --dtype=bf16 --N=16384 --H=1024 --K=131072
+Benchmark (fwd+bwd median time and peak extra memory of five ways to compute the loss; one
+table on the CPU, then one on CUDA when present, with the same flags):
+    python snce.py                                   # N=4096 H=256 D=8 K=65536 fp32
+    python snce.py --device=cuda --dtype=bf16 --N=16384 --H=1024 --K=131072   # the GPU target
 """
 
 import math
@@ -553,12 +554,15 @@ if __name__ == "__main__":
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--metric", default="l2", choices=METRICS)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="default: cpu, then cuda when present")
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc keeps freed blocks < 32 MB in the heap, so the resident set would remember
         # earlier methods' buffers; a fixed mmap threshold returns them, making VmHWM honest.
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
         os.execv(sys.executable, [sys.executable] + sys.argv)
-    _bench(args)
+    devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    for dev in devices:
+        args.device = dev
+        _bench(args)

@@ -474,7 +474,8 @@ def save_grid(x, recon, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = min(16, len(x))
-    both = torch.cat([x[:n], recon[:n]]).float().clamp(-1, 1).add(1).div(2).cpu()
+    pick = torch.linspace(0, len(x) - 1, n).long()   # spread out: datasets can be class-sorted
+    both = torch.cat([x[pick], recon[pick]]).float().clamp(-1, 1).add(1).div(2).cpu()
     rows = both.view(2, n, *both.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)
     plt.imsave(path, rows.squeeze(-1).numpy(), cmap="gray" if rows.shape[-1] == 1 else None)
 

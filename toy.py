@@ -237,7 +237,7 @@ def main():
     t0 = time.time()
     with tqdm(total=args.seeds * (2 + len(args.tau)) * args.steps, desc="toy", unit="step") as bar:
         m, truth, shown = run(args.tau, args.seeds, args.steps, bar)
-    print(table(m, truth, args.tau))
+    print(table(m, truth, sorted(args.tau)))
     fig_path = os.path.join(args.out_dir, "toy.png")
     figure(shown, args.tau[0], fig_path)
     out = {"ce": m["ce"], "snce": m["snce"][args.tau[0]], "l2": m["l2"], "ground_truth": truth,
