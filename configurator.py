@@ -102,7 +102,6 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True (a checkpoint can't run code); loud error when missing."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found: train one first (e.g. "
-                                "`python tokenizer.py config/tokenizer_mnist.py` writes "
-                                "out/tokenizer_mnist/ckpt.pt) or fix the path")
+        raise FileNotFoundError(f"checkpoint {path!r} not found: fix the path, or train one "
+                                "first (tokenizer.py / train.py write out_dir/ckpt.pt)")
     return torch.load(path, map_location=map_location, weights_only=True)

@@ -10,11 +10,11 @@ Setting (the paper's equations and numbers were lost from its text; these are ou
 - ground truth: 0.5 N((-1.2, -1.2), 0.5^2 I) + 0.5 N((1.2, 1.2), 0.5^2 I)
 - quantizer: the 64 x 64 grid of cell centres over [-3, 3]^2 (cell width 0.094, K = 4,096
   tokens); a point maps to its nearest centre (points outside the square to the edge cells)
-- data: 100 samples; model: a 10-layer MLP (width 256, GELU) fed a constant input; its output
+- data: 100 samples; model: a 10-layer MLP (width 128, GELU) fed a constant input; its output
   is 4,096 logits (CE, SNCE) or one 2D point (L2); Adam, lr 1e-3, 2,000 full-batch steps
 - SNCE: snce.snce_loss with metric l2 and tau = 0.1 (q is then a Gaussian kernel of std
   sqrt(tau / 2) = 0.22 around each point: a kernel density estimate snapped to the grid).
-  CE is the same function with tau = 0 (hard CE on the nearest cell).
+  CE is the same function with tau = 0 and the cells as hard targets.
 Metrics, per seed, on 10,000 fresh ground-truth samples:
 - nll: mean -log p(cell of the sample) in nats under the model's token distribution
 - tv: total variation between the model's token distribution and the exact cell probabilities
@@ -25,6 +25,7 @@ Metrics, per seed, on 10,000 fresh ground-truth samples:
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import time
 
@@ -42,7 +43,7 @@ STD = 0.5
 HALF_WIDTH = 3.0   # the grid covers [-3, 3]^2
 GRID = 64          # cells per axis: K = 4,096
 N_TRAIN, N_EVAL = 100, 10_000
-DEPTH, WIDTH, STEPS, LR = 10, 256, 2000, 1e-3
+DEPTH, WIDTH, STEPS, LR = 10, 128, 2000, 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -96,27 +97,35 @@ def mlp(out_dim):
     return nn.Sequential(*layers, nn.Linear(d, out_dim))
 
 
-def train(objective, x, codebook, tau, seed, steps, bar):
-    """Fit one objective on the training points x (N, 2); returns the model's output:
-    the predicted point (2,) for 'l2', log-probabilities over the K tokens otherwise."""
+def train(objective, seed, tau, steps):
+    """Fit one objective on seed's 100 training points; returns the model's output: the
+    predicted point (2,) for 'l2', log-probabilities over the K tokens otherwise."""
+    torch.set_num_threads(1)   # batch-1 MLP steps: threads cost more than they give
+    x = sample(N_TRAIN, torch.Generator().manual_seed(seed))       # (N, 2), same for every objective
+    _, codebook = grid_centers()
     torch.manual_seed(seed)
     net = mlp(2 if objective == "l2" else codebook.shape[0])
     opt = torch.optim.Adam(net.parameters(), lr=LR, fused=True)
     one = torch.ones(1, 1)
-    x32, C32 = x.float(), codebook.float()
+    x32, C32, cells = x.float(), codebook.float(), quantize(x)
     for _ in range(steps):
         out = net(one)                                            # (1, 2) or (1, K)
         if objective == "l2":
             loss = (out - x32).pow(2).sum(-1).mean()
-        else:   # CE is SNCE at tau = 0: the nearest cell, a one-hot target
-            loss = snce_loss(out.expand(len(x), -1), x32, C32, tau if objective == "snce" else 0.0)
+        elif objective == "ce":   # SNCE at tau = 0 with the cells as one-hot targets
+            loss = snce_loss(out.expand(len(x), -1), None, None, 0.0, targets=cells)
+        else:
+            loss = snce_loss(out.expand(len(x), -1), x32, C32, tau)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.update()
     with torch.no_grad():
         out = net(one)[0].double()
     return out if objective == "l2" else out.log_softmax(-1)
+
+
+def _job(args):
+    return args, train(*args)
 
 
 def evaluate(logp, P, eval_tokens):
@@ -124,28 +133,28 @@ def evaluate(logp, P, eval_tokens):
             "tv": 0.5 * (logp.exp() - P).abs().sum().item()}
 
 
-def run(taus, seeds, steps, bar):
-    """Every seed: a fresh dataset, then L2, CE and SNCE at every tau. Returns the metrics and
-    the first seed's outputs for the figure."""
-    _, codebook = grid_centers()
+def run(taus, seeds, steps, workers, bar):
+    """Every seed: a fresh dataset, then L2, CE and SNCE at every tau, as independent runs
+    spread over `workers` processes (one thread each). Returns the metrics and the first
+    seed's outputs for the figure."""
+    jobs = [(obj, seed, tau, steps) for seed in range(seeds)
+            for obj, tau in [("l2", 0.0), ("ce", 0.0)] + [("snce", t) for t in taus]]
+    out = {}
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for (obj, seed, tau, _), o in pool.imap_unordered(_job, jobs):
+            out[obj, seed, tau] = o
+            bar.update(steps)
     P = true_cell_probs()
     eval_tokens = quantize(sample(N_EVAL, torch.Generator().manual_seed(12345)))
     m = {"ce": {"nll": [], "tv": []}, "l2": {"mode_dist": []},
          "snce": {t: {"nll": [], "tv": []} for t in taus}}
-    shown = None
     for seed in range(seeds):
-        x = sample(N_TRAIN, torch.Generator().manual_seed(seed))
-        point = train("l2", x, codebook, 0.0, seed, steps, bar)
-        m["l2"]["mode_dist"].append((CENTERS - point).norm(dim=1).min().item())
-        ce = train("ce", x, codebook, 0.0, seed, steps, bar)
-        for k, v in evaluate(ce, P, eval_tokens).items():
-            m["ce"][k].append(v)
-        for tau in taus:
-            sn = train("snce", x, codebook, tau, seed, steps, bar)
-            for k, v in evaluate(sn, P, eval_tokens).items():
-                m["snce"][tau][k].append(v)
-            if shown is None:
-                shown = dict(x=x, point=point, ce=ce.exp(), snce=sn.exp(), P=P)
+        m["l2"]["mode_dist"].append((CENTERS - out["l2", seed, 0.0]).norm(dim=1).min().item())
+        for name, logp in [("ce", out["ce", seed, 0.0])] + [(t, out["snce", seed, t]) for t in taus]:
+            for k, v in evaluate(logp, P, eval_tokens).items():
+                (m["ce"] if name == "ce" else m["snce"][name])[k].append(v)
+    shown = dict(x=sample(N_TRAIN, torch.Generator().manual_seed(0)), point=out["l2", 0, 0.0],
+                 ce=out["ce", 0, 0.0].exp(), snce=out["snce", 0, taus[0]].exp(), P=P)
     truth = {"nll": -P[eval_tokens].log().mean().item(), "tv": 0.0}
     return m, truth, shown
 
@@ -227,16 +236,17 @@ def main():
                    help="SNCE temperature(s); the first is the figure's, several make a sweep")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=STEPS, help="training steps per objective")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes running the independent fits in parallel")
     p.add_argument("--out_dir", default="assets", help="where toy.png, toy_metrics.json go")
     args = p.parse_args()
-    if args.seeds < 1 or args.steps < 1 or any(t <= 0 for t in args.tau):
-        p.error(f"need --seeds >= 1, --steps >= 1 and every --tau > 0, got {args.seeds}, "
-                f"{args.steps} and {args.tau}")
+    if args.seeds < 1 or args.steps < 1 or args.workers < 1 or any(t <= 0 for t in args.tau):
+        p.error(f"need --seeds, --steps, --workers >= 1 and every --tau > 0, got {args.seeds}, "
+                f"{args.steps}, {args.workers} and {args.tau}")
     os.makedirs(args.out_dir, exist_ok=True)
-    torch.set_num_threads(1)   # batch-1 MLP steps: threading costs more than it gives
     t0 = time.time()
     with tqdm(total=args.seeds * (2 + len(args.tau)) * args.steps, desc="toy", unit="step") as bar:
-        m, truth, shown = run(args.tau, args.seeds, args.steps, bar)
+        m, truth, shown = run(args.tau, args.seeds, args.steps, args.workers, bar)
     print(table(m, truth, sorted(args.tau)))
     fig_path = os.path.join(args.out_dir, "toy.png")
     figure(shown, args.tau[0], fig_path)
