@@ -2,7 +2,6 @@
 to end with a stand-in TorchScript feature net (the real Inception is not needed), clear errors."""
 
 import os
-import runpy
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
 import sample  # noqa: E402
-from test_train import NUM_CLASSES, base_args, make_encoded, run_train  # noqa: E402
+from test_train import NUM_CLASSES, base_args, make_encoded, run_script, run_train  # noqa: E402
 
 
 def naive_fid(mu1, s1, mu2, s2):
@@ -81,12 +80,7 @@ def trained(tmp_path_factory):
 
 
 def run_sample(args):
-    argv = sys.argv
-    sys.argv = ["sample.py"] + args
-    try:
-        return runpy.run_path(os.path.join(ROOT, "sample.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
+    return run_script("sample.py", args)
 
 
 def test_npz_format_grid_and_fid(trained, monkeypatch):

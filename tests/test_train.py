@@ -62,14 +62,18 @@ def base_args(enc, out_dir, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def run_train(args):
-    """Run train.py in this process (no torch import per run); -> its globals."""
+def run_script(name, args, run_name="__main__"):
+    """Run a top-level script in this process (no torch import per run); -> its globals."""
     argv = sys.argv
-    sys.argv = ["train.py"] + args
+    sys.argv = [name] + args
     try:
-        return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="train_test")
+        return runpy.run_path(os.path.join(ROOT, name), run_name=run_name)
     finally:
         sys.argv = argv
+
+
+def run_train(args):
+    return run_script("train.py", args, run_name="train_test")
 
 
 def read_log(out_dir):
