@@ -175,8 +175,11 @@ class _Targets:
     def __init__(self, latents, codebook, tau, metric, targets, label_smoothing, K, dtype):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if label_smoothing and tau > 0:
+            raise ValueError(f"label_smoothing is a hard-target baseline: it needs tau == 0, got "
+                             f"tau = {tau}")
         self.eps = float(label_smoothing)
-        self.soft = tau > 0 and targets is None and not self.eps
+        self.soft = tau > 0
         if targets is not None:
             if tau > 0:
                 raise ValueError("targets (hard codes) are only used with tau == 0, got tau "
@@ -205,7 +208,7 @@ class _Targets:
             # q_k < e^-60 is exactly 0 at fp32/fp64 precision: zero it (no slow denormals)
             F.threshold_(t, -60.0, -math.inf).exp_()      # unnormalised q
             tsum = t.sum(1, keepdim=True)                 # (c, 1)
-            qs = _rowdot(t, s) / tsum                         # sum_k q_k s_k
+            qs = _rowdot(t, s) / tsum                     # sum_k q_k s_k
         else:
             tgt = self.target[rows].view(-1, 1)
             qs = (1 - self.eps) * s.gather(1, tgt)

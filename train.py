@@ -262,9 +262,7 @@ def level_losses(hidden, codes, res, mask, kind=loss):
     B, H = hidden.shape[0], hidden.shape[-1]
     hid, cod = hidden.view(B, -1, L, H), codes.view(B, -1, L)
     msk = None if mask is None else mask.view(B, -1, L)
-    w, b = raw_model.head.weight, raw_model.head.bias
-    if not torch.is_grad_enabled():  # eval: the fused loss would still compute weight grads
-        w, b = w.detach(), None if b is None else b.detach()
+    w, b = raw_model.head.weight, raw_model.head.bias   # under no_grad the loss does no grad work
     sums = []
     for l in range(L):
         if kind == "snce":

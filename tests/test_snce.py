@@ -232,6 +232,7 @@ def test_large_vocab_chunking_is_invariant():
     (dict(tau=0.0, targets=torch.zeros(15, dtype=torch.long)), "targets must have shape"),
     (dict(targets=torch.zeros(3, 5, dtype=torch.long)), "only used with tau == 0"),
     (dict(tau=0.0, label_smoothing=1.0), "label_smoothing must be in"),
+    (dict(tau=1.0, label_smoothing=0.1), "it needs tau == 0"),
 ])
 def test_bad_input(kwargs, match):
     z, C, h, W, b, mask = problem()
