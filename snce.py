@@ -542,8 +542,8 @@ def _bench(args):
     t_ce, m_ce = rows[0][1], rows[0][2]
     print(f"\nSNCE fwd+bwd on {device.type} ({torch.get_num_threads()} threads), {args.dtype}, "
           f"N={N} H={H} K={K} D={D} tau={args.tau} metric={args.metric}, median of {args.reps}")
-    print(f"| method | fwd+bwd ms | x (1) | peak extra MB | KB/row | max abs err |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| method | fwd+bwd ms | x (1) | peak extra MB | KB/row | max abs err |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, t, peak in rows:
         hard = name.startswith(("(5)", "(6)"))
         ref = results[rows[0][0] if hard else rows[1][0]]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from model import GPT, GPTConfig, MODELS, cfg_combine, mask_fraction, sample_logits, top_k_top_p_filter  # noqa: E402
+from model import GPT, GPTConfig, MODELS, cfg_combine, sample_logits, top_k_top_p_filter  # noqa: E402
 
 K, L, H, W, NC = 37, 2, 3, 2, 5
 T = H * W * L
