@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from model import GPT, GPTConfig, MODELS, cfg_combine, sample_logits, top_k_top_p_filter  # noqa: E402
+from model import GPT, GPTConfig, MODELS, cfg_combine, mask_fraction, sample_logits, top_k_top_p_filter  # noqa: E402
 
 K, L, H, W, NC = 37, 2, 3, 2, 5
 T = H * W * L
@@ -206,6 +206,14 @@ def test_sampling_respects_filter_and_greedy():
 
 
 # ---- MaskGIT ------------------------------------------------------------------------
+
+
+def test_mask_fraction_schedules():
+    r = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(mask_fraction(r, "cosine"), torch.tensor([math.cos(math.pi / 2 * v) for v in r.tolist()], dtype=torch.float64))
+    torch.testing.assert_close(mask_fraction(r, "arccos"), torch.tensor([math.acos(v) / (math.pi / 2) for v in r.tolist()], dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask schedule"):
+        mask_fraction(r, "linear")
 
 
 def test_sample_mask_semantics_and_schedule():
