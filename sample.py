@@ -35,29 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import data
+from data import save_grid, to_uint8
 from configurator import configure, init_distributed, load_checkpoint
 
 # -----------------------------------------------------------------------------
-# helpers (train.py imports save_grid; tests import the FID pieces)
-
-
-def to_uint8(images):
-    """(B, C, H, W) float in [-1, 1] -> (B, H, W, 3) uint8; 1-channel images repeated to RGB."""
-    x = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    x = x.permute(0, 2, 3, 1)
-    return x.repeat(1, 1, 1, 3) if x.shape[-1] == 1 else x
-
-
-def save_grid(images, path, nrow):
-    """(B, C, H, W) in [-1, 1] -> one PNG, nrow images per row (train.py: one class per row)."""
-    from PIL import Image
-    x = to_uint8(images).cpu()
-    B, H, W, _ = x.shape
-    rows = -(-B // nrow)
-    x = torch.cat([x, x.new_zeros(rows * nrow - B, H, W, 3)])
-    grid = x.view(rows, nrow, H, W, 3).permute(0, 2, 1, 3, 4).reshape(rows * H, nrow * W, 3)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.numpy()).save(path)
+# helpers (tests import the FID pieces; the image writers live in data.py)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):

@@ -468,16 +468,11 @@ def all_mean(x):
     return x
 
 
-def save_grid(x, recon, path):
-    """Originals (top rows) over reconstructions (bottom rows), one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save_recon_grid(x, recon, path):
+    """Originals (top row) over their reconstructions (bottom row), one PNG."""
     n = min(16, len(x))
     pick = torch.linspace(0, len(x) - 1, n).long()   # spread out: datasets can be class-sorted
-    both = torch.cat([x[pick], recon[pick]]).float().clamp(-1, 1).add(1).div(2).cpu()
-    rows = both.view(2, n, *both.shape[1:]).permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)
-    plt.imsave(path, rows.squeeze(-1).numpy(), cmap="gray" if rows.shape[-1] == 1 else None)
+    data.save_grid(torch.cat([x[pick], recon[pick]]), path, nrow=n)
 
 
 @torch.no_grad()
@@ -593,7 +588,7 @@ def train():
                 print(f"eval iter {it} | val psnr {metrics['psnr']:.2f} | "
                       f"E||z||^2 {metrics['latent_power']:.4f} | "
                       f"{fmt_levels(metrics['util'], metrics['ppl'], metrics['qerr'])}")
-                save_grid(xv, rv, os.path.join(out_dir, f"recon_{it:06d}.png"))
+                save_recon_grid(xv, rv, os.path.join(out_dir, f"recon_{it:06d}.png"))
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "iter": it, "model_config": asdict(cfg), "config": config,
                                  "num_classes": num_classes, "dataset": dataset, "metrics": metrics,

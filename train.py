@@ -318,7 +318,6 @@ _tokenizer = None
 def save_sample_grid(path):
     """Class-conditional samples (rows = classes) from the EMA (or raw) model, decoded."""
     global _tokenizer
-    from sample import save_grid
     if _tokenizer is None:
         _tokenizer = Tokenizer.from_checkpoint(tok_path, device)
     classes = list(grid_classes) or list(range(min(10, num_classes)))
@@ -330,7 +329,7 @@ def save_sample_grid(path):
                              top_k=grid_top_k or None, steps=grid_steps if mode == "maskgit" else None,
                              generator=g)
         images = _tokenizer.decode(codes).float()
-    save_grid(images, path, nrow=grid_per_class)
+    data.save_grid(images, path, nrow=grid_per_class)
 
 
 def get_lr(it):
@@ -360,6 +359,7 @@ def save():
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 t_last, tok_seen, start_iter = time.time(), 0, iter_num
+last_log = iter_num
 while True:
     resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated before saving
     if (iter_num % eval_interval == 0 and not resumed_here) or iter_num >= max_iters:
@@ -412,9 +412,10 @@ while True:
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s / world_size):.1f}%" if device_type == "cuda" else ""
             print(f"iter {iter_num} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.2f} | "
-                  f"{dt * 1000 / log_interval:.0f} ms/it | {tok_s:,.0f} tok/s{mfu} | peak mem {mem:.2f} GB")
+                  f"{dt * 1000 / (iter_num - last_log):.0f} ms/it | {tok_s:,.0f} tok/s{mfu} | peak mem {mem:.2f} GB")
             log_json({"iter": iter_num, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                       "tok_per_s": tok_s, "peak_mem_gb": mem})
+        last_log = iter_num
 
 if ddp:  # DDP keeps replicas identical; check it (cheap, once), so a silent divergence can't hide
     flat = torch.cat([p.detach().flatten().float() for p in raw_model.parameters()])
