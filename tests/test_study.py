@@ -1,0 +1,134 @@
+"""study.py: the report (table numbers, best-over-cfg FID, steps to CE's final value) from
+hand-made run logs, argument errors, and the whole driver end to end on a tiny encoded dataset
+with a fake Inception (train.py and sample.py run as subprocesses, as in a real study)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sample  # noqa: E402
+import study  # noqa: E402
+from test_sample import FakeInception  # noqa: E402
+from test_train import make_encoded  # noqa: E402
+
+
+def write_run(out, name, seed, nll, fid):
+    """nll: {iter: v}; fid: {(iter, cfg): v} as train.py / sample.py would log them."""
+    d = study.run_dir(out, name, seed)
+    os.makedirs(d)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for it, v in nll.items():
+            f.write(json.dumps({"iter": it, "loss": 9.0}) + "\n")  # a training line: ignored
+            f.write(json.dumps({"iter": it, "val_nll": v, "val_loss": v + 1}) + "\n")
+    with open(os.path.join(d, "fid.jsonl"), "w") as f:
+        for (it, cfg), v in fid.items():
+            f.write(json.dumps({"fid": v, "num_samples": 1000, "iter": it, "cfg_scale": cfg}) + "\n")
+        f.write(json.dumps({"fid": 0.1, "num_samples": 10, "iter": 200, "cfg_scale": 1.5}) + "\n")  # other n
+
+
+def report_args(out, *extra):
+    return ["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--iters", "200",
+            "--fid_at", "100", "200", "--taus", "0.01", "--ls", "0.1", "--seeds", "0", "1",
+            "--toy_metrics", os.path.join(out, "none.json"), *extra]
+
+
+def test_report_numbers(tmp_path):
+    out = str(tmp_path)
+    its = [50, 100, 150, 200]
+    for s, off in ((0, 0.0), (1, 0.2)):
+        write_run(out, "CE", s, dict(zip(its, np.add([6.0, 5.0, 4.5, 4.4], off))),
+                  {(100, 1.5): 30 + 10 * off, (100, 3.0): 25 + 10 * off,
+                   (200, 1.5): 20 + 10 * off, (200, 3.0): 22 + 10 * off})
+        write_run(out, "SNCE tau=0.01", s, dict(zip(its, np.add([5.5, 4.6, 4.3, 4.2], off))),
+                  {(100, 1.5): 19 + 10 * off, (100, 3.0): 24, (200, 1.5): 15 + 10 * off, (200, 3.0): 18})
+        write_run(out, "LS eps=0.1", s, dict(zip(its, [7.0] * 4)),
+                  {(100, 1.5): 40, (100, 3.0): 41, (200, 1.5): 40, (200, 3.0): 41})
+    table = study.main(report_args(out))
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
+    # CE: final NLL mean 4.5 +- 0.1; FID best over cfg: 100 -> (25, 27) via cfg 3; 200 -> (20, 22) via 1.5
+    assert rows["CE"][2] == "4.500 ± 0.100" and rows["CE"][3] == "4.500 (200)"
+    assert rows["CE"][4] == "26.0 ± 1.0 (cfg 3/3)" and rows["CE"][5] == "21.0 ± 1.0 (cfg 1.5/1.5)"
+    assert "CE's final NLL (4.500)" in table and "CE's final FID (21.0)" in table
+    # SNCE: mean NLL 4.4 at step 150 <= 4.5; mean FID 20 at step 100 <= 21
+    assert rows["SNCE tau=0.01"][6:8] == ["150", "100 |"]
+    assert rows["LS eps=0.1"][6:8] == ["not reached", "not reached |"]
+    assert rows["CE"][6] == "200"  # CE reaches its own final value at the end
+    with open(os.path.join(out, "results.md")) as f:
+        assert f.read() == table
+    for png in ("study_curves.png", "study_tau.png"):
+        assert os.path.getsize(os.path.join(out, "assets", png)) > 1000
+
+
+def test_mean_curve_and_steps_to():
+    runs = [{"nll": {0: 3.0, 50: 2.0, 100: 1.0}}, {"nll": {0: 5.0, 50: 4.0}}]  # seed 2 stopped early
+    its, m, lo, hi = study.mean_curve(runs, "nll")
+    assert its.tolist() == [0, 50] and m.tolist() == [4.0, 3.0] and lo.tolist() == [3.0, 2.0]
+    assert study.steps_to(its, m, 3.0) == 50 and study.steps_to(its, m, 2.9) is None
+
+
+def test_argument_errors(tmp_path):
+    out = str(tmp_path)
+    with pytest.raises(SystemExit, match="no finished CE runs"):
+        study.main(report_args(out))
+    for bad in (["--fid_at", "100"], ["--fid_at", "120", "200"], ["--taus", "0"], ["--ls", "1.0"],
+                ["--set", "model_size"]):
+        with pytest.raises(SystemExit):
+            study.parse(report_args(out, *bad))
+    with pytest.raises(SystemExit):
+        study.parse(["--fid_weights", os.path.join(out, "missing.pt")])
+
+
+def test_study_end_to_end(tmp_path):
+    """Tokenizer stage skipped (--tokenizer), 3 objectives x 1 seed, FID at steps 2 and 4,
+    2 workers; then a second call finds everything done and changes nothing."""
+    root = str(tmp_path)
+    train_dir, val_dir, _ = make_encoded(root)
+    tok = os.path.join(root, "tok")
+    os.makedirs(tok)
+    os.rename(train_dir, os.path.join(tok, "encoded_train"))
+    os.rename(val_dir, os.path.join(tok, "encoded_val"))
+    weights = os.path.join(root, "fake_inception.pt")
+    torch.jit.save(torch.jit.script(FakeInception()), weights)
+    out = os.path.join(root, "study")
+    # the real images' statistics, pre-cached: the "synthetic" dataset exists only in this process
+    feats = sample.load_inception(weights)
+    ref = sample.FeatureStats(32)
+    ref.add(feats(sample.to_uint8(torch.rand(20, 1, 8, 8) * 2 - 1)))
+    mu, sigma = ref.mu_sigma()
+    os.makedirs(os.path.join(out, "fid_refs"))
+    np.savez(os.path.join(out, "fid_refs", f"synthetic_val_8_fake_inception.pt_{os.path.getsize(weights)}.npz"),
+             mu=mu, sigma=sigma)
+    args = ["--out", out, "--assets", os.path.join(root, "assets"), "--tokenizer", tok, "--iters", "4",
+            "--fid_at", "2", "4", "--cfg", "1.5", "--num_samples", "6", "--sample_batch", "3", "--seeds", "0",
+            "--taus", "0.5", "--ls", "0.1", "--workers", "2", "--fid_weights", weights,
+            "--toy_metrics", os.path.join(ROOT, "assets", "toy_metrics.json"),
+            "--set", "model_size=tiny", "batch_size=8", "eval_interval=2", "grid_per_class=2", "warmup_iters=1"]
+    table = study.main(args)
+    names = ["CE", "SNCE tau=0.5", "LS eps=0.1"]
+    assert [r.split(" | ")[0][2:] for r in table.splitlines() if r.startswith("| ") and "---" not in r][1:] == names
+    logs = {}
+    for name in names:
+        d = study.run_dir(out, name, 0)
+        fids = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+        assert [(r["iter"], r["cfg_scale"], r["num_samples"]) for r in fids] == [(2, 1.5, 6), (4, 1.5, 6)]
+        assert all(np.isfinite(r["fid"]) and r["fid"] >= 0 for r in fids)
+        evals = [r["iter"] for r in study.read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
+        assert evals == [0, 2, 4]  # the resumed segment does not re-evaluate step 2
+        assert not [f for f in os.listdir(d) if f.endswith(".npz")]
+        logs[name] = open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read()
+    cfg = torch.load(os.path.join(study.run_dir(out, "SNCE tau=0.5", 0), "ckpt.pt"), weights_only=False)["config"]
+    assert (cfg["loss"], cfg["tau"], cfg["model_size"], cfg["lr_decay_iters"]) == ("snce", 0.5, "tiny", 4)
+    for png in ("study_curves.png", "study_tau.png", "study_grids.png"):
+        assert os.path.isfile(os.path.join(root, "assets", png))
+    assert study.main(args) == table  # everything done: nothing re-run, the same report
+    for name in names:
+        d = study.run_dir(out, name, 0)
+        assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[name]
