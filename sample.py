@@ -105,10 +105,12 @@ def load_inception(path, device="cpu"):
     @torch.no_grad()
     def features(x):
         x = x.to(device).permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0..255
+        cl = torch.channels_last  # oneDNN's faster conv layout on CPU (10-20% here), same numbers
         if stylegan:
-            f = net(x, return_features=True)
+            f = net(x.contiguous(memory_format=cl), return_features=True)
         else:
-            f = net(((nv_resize(x) if x.shape[-1] != 299 or x.shape[-2] != 299 else x) - 128) / 128)
+            x299 = nv_resize(x) if x.shape[-1] != 299 or x.shape[-2] != 299 else x
+            f = net(((x299 - 128) / 128).contiguous(memory_format=cl))
         return f.reshape(len(x), -1).double()
 
     features.dim = features(torch.zeros(1, 8, 8, 3, dtype=torch.uint8)).shape[1]  # 2048 for Inception

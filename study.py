@@ -29,6 +29,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -114,13 +115,13 @@ def run_job(job, a, tok, threads):
             sh(args + [f"--max_iters={stop}", f"--init_from={resume}"], log, threads)
         have = {(r["iter"], r["cfg_scale"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))
                 if r["num_samples"] == a.num_samples}
-        for cfg in a.cfg:
+        for cfg in a.cfg if stop == a.iters else a.cfg[:1]:  # the sweep at the end only: FID is costly
             if (stop, cfg) not in have:
                 sh(["sample.py", f"--ckpt={ckpt}", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
                     f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
                     f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
         for f in os.listdir(d):  # the .npz of each FID (3 MB each) is not needed afterwards
-            if f.startswith("samples_") and f.endswith(".npz"):
+            if f.startswith("samples_") and (f.endswith(".npz") or f.endswith(".npz.tmp.npy")):
                 os.remove(os.path.join(d, f))
     print(f"done: {name}, seed {seed}", flush=True)
 
@@ -142,20 +143,25 @@ def steps_to(its, curve, target):
     return int(its[hit[0]]) if len(hit) else None
 
 
-def collect(out, objs, seeds, num_samples):
-    """-> {name: [per-seed {"nll": {iter: v}, "fid": {iter: best v}, "cfg": {iter: argbest}}]}."""
+def collect(out, objs, seeds, num_samples, cfg0):
+    """-> {name: [per-seed {"nll": {iter: v}, "fid": {iter: v at cfg0}, "best": {iter: best v over
+    cfg}, "cfg": {iter: its cfg}}]}."""
     res = {}
     for name, _ in objs:
         runs = []
         for s in seeds:
             d = run_dir(out, name, s)
             nll = {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
-            fid, cfg = {}, {}
+            fid, best, cfg = {}, {}, {}
             for r in read_jsonl(os.path.join(d, "fid.jsonl")):
-                if r["num_samples"] == num_samples and r["fid"] < fid.get(r["iter"], math.inf):
-                    fid[r["iter"]], cfg[r["iter"]] = r["fid"], r["cfg_scale"]
+                if r["num_samples"] != num_samples:
+                    continue
+                if r["cfg_scale"] == cfg0:
+                    fid[r["iter"]] = r["fid"]
+                if r["fid"] < best.get(r["iter"], math.inf):
+                    best[r["iter"]], cfg[r["iter"]] = r["fid"], r["cfg_scale"]
             if nll:
-                runs.append({"nll": nll, "fid": fid, "cfg": cfg})
+                runs.append({"nll": nll, "fid": fid, "best": best, "cfg": cfg})
         res[name] = runs
     return res
 
@@ -165,15 +171,15 @@ def fmt(mean, lo, hi, digits):
 
 
 def report(a, objs, q_stats):
-    res = collect(a.out, objs, a.seeds, a.num_samples)
+    res = collect(a.out, objs, a.seeds, a.num_samples, a.cfg[0])
     missing = [n for n, runs in res.items() if len(runs) < len(a.seeds)]
     if "CE" in missing or not res["CE"]:
         raise SystemExit(f"no finished CE runs under {a.out}/runs: run `python study.py` first")
     ce_nll = mean_curve(res["CE"], "nll")[1][-1]
     ce_fid = mean_curve(res["CE"], "fid")[1][-1]
     lines = [f"| objective | q: top-1 mass / perplexity | val NLL @ {a.iters} | best val NLL (step) | "
-             + " | ".join(f"FID @ {s}" for s in a.fid_at) + f" | steps to CE's final NLL ({ce_nll:.3f}) | "
-             f"steps to CE's final FID ({ce_fid:.1f}) |", "|---" * (6 + len(a.fid_at)) + "|"]
+             + " | ".join(f"FID @ {s}" for s in a.fid_at) + f" | FID @ {a.iters}, best cfg | steps to CE's "
+             f"final NLL ({ce_nll:.3f}) | steps to CE's final FID ({ce_fid:.1f}) |", "|---" * (7 + len(a.fid_at)) + "|"]
     rows = {}
     for name, _ in objs:
         runs = res[name]
@@ -181,24 +187,28 @@ def report(a, objs, q_stats):
             continue
         its, nm, nlo, nhi = mean_curve(runs, "nll")
         fits, fm, flo, fhi = mean_curve(runs, "fid")
+        bits, bm, blo, bhi = mean_curve(runs, "best")
         best = int(np.argmin(nm))
-        fids = {int(i): fmt(fm[j], flo[j], fhi[j], 1) + " (cfg " + "/".join(f"{r['cfg'][i]:g}" for r in runs) + ")"
-                for j, i in enumerate(fits)}
+        fids = {int(i): fmt(fm[j], flo[j], fhi[j], 1) for j, i in enumerate(fits)}
+        swept = "—"
+        if len(bits) and bits[-1] == a.iters:
+            swept = fmt(bm[-1], blo[-1], bhi[-1], 1) + " (cfg " + "/".join(f"{r['cfg'][a.iters]:g}" for r in runs) + ")"
         q = q_stats.get(name)
-        rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi)
+        rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi,
+                          best=bm, best_lo=blo, best_hi=bhi)
         to_nll, to_fid = steps_to(its, nm, ce_nll), steps_to(fits, fm, ce_fid)
         lines.append(f"| {name} | {f'{q[0]:.2f} / {q[1]:.0f}' if q else '1.00 / 1' if name == 'CE' else '—'} | "
                      f"{fmt(nm[-1], nlo[-1], nhi[-1], 3)} | {nm[best]:.3f} ({its[best]}) | "
                      + " | ".join(fids.get(s, "—") for s in a.fid_at)
-                     + f" | {to_nll if to_nll is not None else 'not reached'} | "
+                     + f" | {swept} | {to_nll if to_nll is not None else 'not reached'} | "
                      f"{to_fid if to_fid is not None else 'not reached'} |")
     n_runs = sum(len(r) for r in res.values())
     head = (f"{n_runs} runs: {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) x {len(objs)} objectives, "
             f"{a.iters} steps each. Mean ± half-range over seeds. FID: {a.num_samples} samples vs the "
-            f"val images, best over cfg {', '.join(f'{c:g}' for c in a.cfg)} (the best cfg per seed "
-            "in brackets). NLL: held-out hard-label token NLL in nats (every val token). Steps to "
+            f"val images at cfg {a.cfg[0]:g}, and at step {a.iters} also the best over cfg "
+            f"{', '.join(f'{c:g}' for c in a.cfg)} (the best cfg per seed in brackets). NLL: held-out hard-label token NLL in nats (every val token). Steps to "
             "CE's final value: first evaluated step where the seed-mean curve is at or below it (NLL every "
-            f"{a.eval_interval} steps, FID at {', '.join(map(str, a.fid_at))}).")
+            f"{a.eval_interval} steps, FID at {', '.join(map(str, a.fid_at))}, cfg {a.cfg[0]:g}).")
     if missing:
         head += f" Incomplete (fewer seeds than asked): {', '.join(missing)}."
     table = head + "\n\n" + "\n".join(lines) + "\n"
@@ -223,7 +233,7 @@ def plots(a, objs, rows):
             ax.fill_between(its, r[key + "_lo"], r[key + "_hi"], color=colors[name], alpha=0.15)
     axes[0].set(xlabel="step", ylabel="held-out token NLL (nats)", title="val NLL (hard labels)")
     axes[0].set_ylim(top=min(max(r["nll"][min(2, len(r["nll"]) - 1)] for r in rows.values()), axes[0].get_ylim()[1]))
-    axes[1].set(xlabel="step", ylabel="FID (best over cfg)", title=f"FID, {a.num_samples} samples")
+    axes[1].set(xlabel="step", ylabel="FID", title=f"FID, {a.num_samples} samples, cfg {a.cfg[0]:g}")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=110)
@@ -233,7 +243,7 @@ def plots(a, objs, rows):
     snce.sort(key=lambda x: x[0])
     toy = read_json(a.toy_metrics)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in ((axes[0], "fid", "final FID"), (axes[1], "nll", "final val NLL (nats)")):
+    for ax, key, label in ((axes[0], "best", "final FID, best cfg"), (axes[1], "nll", "final val NLL (nats)")):
         if snce:
             t = [x for x, _ in snce]
             ax.errorbar(t, [r[key][-1] for _, r in snce],
@@ -310,12 +320,13 @@ def parse(argv=None):
     p.add_argument("--out", default="out/study", help="tokenizer, runs, results.md")
     p.add_argument("--assets", default="assets", help="where the plots go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2],
-                   help="SNCE temperatures (l2 units of the tokenizer: q top-1 mass ~0.76 ... 0.05)")
+    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                   help="SNCE temperatures (l2 units of the tokenizer: q top-1 mass ~0.76 ... 0.23)")
     p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
     p.add_argument("--iters", type=int, default=600, help="training steps per run")
-    p.add_argument("--fid_at", type=int, nargs="+", default=[200, 400, 600], help="steps with FID")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 3.0], help="CFG scales swept for FID")
+    p.add_argument("--fid_at", type=int, nargs="+", default=[300, 600], help="steps with FID")
+    p.add_argument("--cfg", type=float, nargs="+", default=[3.0, 1.5],
+                   help="CFG scales: all swept at the last step, the first alone at earlier --fid_at steps")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--sample_batch", type=int, default=250)
     p.add_argument("--fid_weights", default=default_fid_weights(), help="Inception TorchScript (sample.py)")
@@ -348,6 +359,7 @@ def main(argv=None):
     objs = objectives(a.taus, a.ls)
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     tok = a.tokenizer or os.path.join(a.out, "tokenizer")
+    t0 = time.time()
     if not a.report_only:
         if not a.tokenizer:
             tokenizer_stage(a.out, os.cpu_count() or 1)
@@ -355,6 +367,8 @@ def main(argv=None):
         with ThreadPoolExecutor(a.workers) as pool:
             for fut in [pool.submit(run_job, j, a, tok, threads) for j in jobs]:
                 fut.result()
+        print(f"study: {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min with {a.workers} workers x "
+              f"{threads} threads", flush=True)
     q = q_statistics(tok, a.taus) if os.path.isfile(os.path.join(tok, "encoded_train", "meta.json")) else {}
     return report(a, objs, q)
 

@@ -48,19 +48,20 @@ def test_report_numbers(tmp_path):
                   {(100, 1.5): 30 + 10 * off, (100, 3.0): 25 + 10 * off,
                    (200, 1.5): 20 + 10 * off, (200, 3.0): 22 + 10 * off})
         write_run(out, "SNCE tau=0.01", s, dict(zip(its, np.add([5.5, 4.6, 4.3, 4.2], off))),
-                  {(100, 1.5): 19 + 10 * off, (100, 3.0): 24, (200, 1.5): 15 + 10 * off, (200, 3.0): 18})
+                  {(100, 1.5): 19 + 10 * off, (100, 3.0): 22, (200, 1.5): 15 + 10 * off, (200, 3.0): 18})
         write_run(out, "LS eps=0.1", s, dict(zip(its, [7.0] * 4)),
                   {(100, 1.5): 40, (100, 3.0): 41, (200, 1.5): 40, (200, 3.0): 41})
     table = study.main(report_args(out))
     rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
-    # CE: final NLL mean 4.5 +- 0.1; FID best over cfg: 100 -> (25, 27) via cfg 3; 200 -> (20, 22) via 1.5
+    # CE: final NLL mean 4.5 +- 0.1; FID curve at the first cfg (3): (25, 27), (22, 24); at the last
+    # step the best over the sweep: (20, 22) via cfg 1.5
     assert rows["CE"][2] == "4.500 ± 0.100" and rows["CE"][3] == "4.500 (200)"
-    assert rows["CE"][4] == "26.0 ± 1.0 (cfg 3/3)" and rows["CE"][5] == "21.0 ± 1.0 (cfg 1.5/1.5)"
-    assert "CE's final NLL (4.500)" in table and "CE's final FID (21.0)" in table
-    # SNCE: mean NLL 4.4 at step 150 <= 4.5; mean FID 20 at step 100 <= 21
-    assert rows["SNCE tau=0.01"][6:8] == ["150", "100 |"]
-    assert rows["LS eps=0.1"][6:8] == ["not reached", "not reached |"]
-    assert rows["CE"][6] == "200"  # CE reaches its own final value at the end
+    assert rows["CE"][4:7] == ["26.0 ± 1.0", "23.0 ± 1.0", "21.0 ± 1.0 (cfg 1.5/1.5)"]
+    assert "CE's final NLL (4.500)" in table and "CE's final FID (23.0)" in table
+    # SNCE: mean NLL 4.4 at step 150 <= 4.5; mean FID (cfg 3) 22 at step 100 <= 23
+    assert rows["SNCE tau=0.01"][4:9] == ["22.0 ± 0.0", "18.0 ± 0.0", "16.0 ± 1.0 (cfg 1.5/1.5)", "150", "100 |"]
+    assert rows["LS eps=0.1"][7:9] == ["not reached", "not reached |"]
+    assert rows["CE"][7:9] == ["200", "200 |"]  # CE reaches its own final values at the end
     with open(os.path.join(out, "results.md")) as f:
         assert f.read() == table
     for png in ("study_curves.png", "study_tau.png"):
