@@ -134,8 +134,9 @@ def reference_stats(features, dataset, split, image_size, root, weights, cache_d
     mu, sigma = stats.all_reduce().mu_sigma()
     if rank == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, n=int(stats.n.item()))
-        os.replace(path + ".tmp.npz", path)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # per process: concurrent samplers may both compute it
+        np.savez(tmp, mu=mu, sigma=sigma, n=int(stats.n.item()))
+        os.replace(tmp, path)
     return mu, sigma
 
 
