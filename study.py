@@ -323,9 +323,9 @@ def parse(argv=None):
     p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
                    help="SNCE temperatures (l2 units of the tokenizer: q top-1 mass ~0.76 ... 0.23)")
     p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
-    p.add_argument("--iters", type=int, default=600, help="training steps per run")
-    p.add_argument("--fid_at", type=int, nargs="+", default=[300, 600], help="steps with FID")
-    p.add_argument("--cfg", type=float, nargs="+", default=[3.0, 1.5],
+    p.add_argument("--iters", type=int, default=400, help="training steps per run")
+    p.add_argument("--fid_at", type=int, nargs="+", default=[400], help="steps with FID")
+    p.add_argument("--cfg", type=float, nargs="+", default=[3.0],
                    help="CFG scales: all swept at the last step, the first alone at earlier --fid_at steps")
     p.add_argument("--num_samples", type=int, default=1000)
     p.add_argument("--sample_batch", type=int, default=250)

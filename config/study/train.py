@@ -8,12 +8,12 @@ model_size = "mini"
 mode = "ar"
 tau_scale = "none"         # one level: tau in the tokenizer's own units, as in the paper
 batch_size = 32            # 32 x 64 = 2,048 tokens per step; 4,500 images = 140 steps per epoch
-max_iters = 600            # ~4.3 epochs
+max_iters = 400            # ~2.8 epochs
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 30
 weight_decay = 0.05
-eval_interval = 50
+eval_interval = 100
 eval_iters = 0             # the whole val split (500 digits, 32,000 tokens) at every eval
 log_interval = 10
 grid_per_class = 8
