@@ -143,9 +143,10 @@ def steps_to(its, curve, target):
     return int(its[hit[0]]) if len(hit) else None
 
 
-def collect(out, objs, seeds, num_samples, cfg0):
+def collect(out, objs, seeds, num_samples, cfg0, iters):
     """-> {name: [per-seed {"nll": {iter: v}, "fid": {iter: v at cfg0}, "best": {iter: best v over
-    cfg}, "cfg": {iter: its cfg}}]}."""
+    cfg}, "cfg": {iter: its cfg}}]}, finished runs only (NLL and FID at cfg0 at step iters): a run
+    still training would cut every curve of its objective short."""
     res = {}
     for name, _ in objs:
         runs = []
@@ -160,7 +161,7 @@ def collect(out, objs, seeds, num_samples, cfg0):
                     fid[r["iter"]] = r["fid"]
                 if r["fid"] < best.get(r["iter"], math.inf):
                     best[r["iter"]], cfg[r["iter"]] = r["fid"], r["cfg_scale"]
-            if nll:
+            if iters in nll and iters in fid:
                 runs.append({"nll": nll, "fid": fid, "best": best, "cfg": cfg})
         res[name] = runs
     return res
@@ -171,15 +172,17 @@ def fmt(mean, lo, hi, digits):
 
 
 def report(a, objs, q_stats):
-    res = collect(a.out, objs, a.seeds, a.num_samples, a.cfg[0])
+    res = collect(a.out, objs, a.seeds, a.num_samples, a.cfg[0], a.iters)
     missing = [n for n, runs in res.items() if len(runs) < len(a.seeds)]
     if "CE" in missing or not res["CE"]:
         raise SystemExit(f"no finished CE runs under {a.out}/runs: run `python study.py` first")
     ce_nll = mean_curve(res["CE"], "nll")[1][-1]
     ce_fid = mean_curve(res["CE"], "fid")[1][-1]
-    lines = [f"| objective | q: top-1 mass / perplexity | val NLL @ {a.iters} | best val NLL (step) | "
-             + " | ".join(f"FID @ {s}" for s in a.fid_at) + f" | FID @ {a.iters}, best cfg | steps to CE's "
-             f"final NLL ({ce_nll:.3f}) | steps to CE's final FID ({ce_fid:.1f}) |", "|---" * (7 + len(a.fid_at)) + "|"]
+    sweep, fid_curve = len(a.cfg) > 1, len(a.fid_at) > 1  # columns that say nothing otherwise
+    head = (["objective", "q: top-1 mass / perplexity", f"val NLL @ {a.iters}", "best val NLL (step)"]
+            + [f"FID @ {s}" for s in a.fid_at] + [f"FID @ {a.iters}, best cfg"] * sweep
+            + [f"steps to CE's final NLL ({ce_nll:.3f})"] + [f"steps to CE's final FID ({ce_fid:.1f})"] * fid_curve)
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     rows = {}
     for name, _ in objs:
         runs = res[name]
@@ -197,21 +200,24 @@ def report(a, objs, q_stats):
         rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi,
                           best=bm, best_lo=blo, best_hi=bhi)
         to_nll, to_fid = steps_to(its, nm, ce_nll), steps_to(fits, fm, ce_fid)
-        lines.append(f"| {name} | {f'{q[0]:.2f} / {q[1]:.0f}' if q else '1.00 / 1' if name == 'CE' else '—'} | "
-                     f"{fmt(nm[-1], nlo[-1], nhi[-1], 3)} | {nm[best]:.3f} ({its[best]}) | "
-                     + " | ".join(fids.get(s, "—") for s in a.fid_at)
-                     + f" | {swept} | {to_nll if to_nll is not None else 'not reached'} | "
-                     f"{to_fid if to_fid is not None else 'not reached'} |")
+        cells = ([name, f"{q[0]:.2f} / {q[1]:.0f}" if q else "1.00 / 1" if name == "CE" else "—",
+                  fmt(nm[-1], nlo[-1], nhi[-1], 3), f"{nm[best]:.3f} ({its[best]})"]
+                 + [fids.get(s, "—") for s in a.fid_at] + [swept] * sweep
+                 + [str(to_nll) if to_nll is not None else "not reached"]
+                 + [str(to_fid) if to_fid is not None else "not reached"] * fid_curve)
+        lines.append("| " + " | ".join(cells) + " |")
     n_runs = sum(len(r) for r in res.values())
-    head = (f"{n_runs} runs: {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) x {len(objs)} objectives, "
-            f"{a.iters} steps each. Mean ± half-range over seeds. FID: {a.num_samples} samples vs the "
-            f"val images at cfg {a.cfg[0]:g}, and at step {a.iters} also the best over cfg "
-            f"{', '.join(f'{c:g}' for c in a.cfg)} (the best cfg per seed in brackets). NLL: held-out hard-label token NLL in nats (every val token). Steps to "
-            "CE's final value: first evaluated step where the seed-mean curve is at or below it (NLL every "
-            f"{a.eval_interval} steps, FID at {', '.join(map(str, a.fid_at))}, cfg {a.cfg[0]:g}).")
+    intro = (f"{n_runs} runs: {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) x {len(objs)} objectives, "
+             f"{a.iters} steps each. Mean ± half-range over seeds. FID: {a.num_samples} samples vs the "
+             f"val images at cfg {a.cfg[0]:g}"
+             + (f", and at step {a.iters} also the best over cfg {', '.join(f'{c:g}' for c in a.cfg)} (the best "
+                "cfg per seed in brackets)" if sweep else "")
+             + ". NLL: held-out hard-label token NLL in nats (every val token). Steps to CE's final value: first "
+             f"evaluated step where the seed-mean curve is at or below it (NLL every {a.eval_interval} steps"
+             + (f", FID at {', '.join(map(str, a.fid_at))}, cfg {a.cfg[0]:g}" if fid_curve else "") + ").")
     if missing:
-        head += f" Incomplete (fewer seeds than asked): {', '.join(missing)}."
-    table = head + "\n\n" + "\n".join(lines) + "\n"
+        intro += f" Incomplete (fewer finished seeds than asked): {', '.join(missing)}."
+    table = intro + "\n\n" + "\n".join(lines) + "\n"
     with open(os.path.join(a.out, "results.md"), "w") as f:
         f.write(table)
     print(table)
@@ -228,13 +234,25 @@ def plots(a, objs, rows):
     colors = {name: plt.cm.tab10(i % 10) for i, (name, _) in enumerate(objs)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in rows.items():
-        for ax, key, its in ((axes[0], "nll", r["its"]), (axes[1], "fid", r["fid_its"])):
-            ax.plot(its, r[key], "o-" if key == "fid" else "-", color=colors[name], label=name, ms=4)
-            ax.fill_between(its, r[key + "_lo"], r[key + "_hi"], color=colors[name], alpha=0.15)
-    axes[0].set(xlabel="step", ylabel="held-out token NLL (nats)", title="val NLL (hard labels)")
-    axes[0].set_ylim(top=min(max(r["nll"][min(2, len(r["nll"]) - 1)] for r in rows.values()), axes[0].get_ylim()[1]))
-    axes[1].set(xlabel="step", ylabel="FID", title=f"FID, {a.num_samples} samples, cfg {a.cfg[0]:g}")
-    axes[1].legend(fontsize=8)
+        axes[0].plot(r["its"], r["nll"], "-", color=colors[name], label=name)
+        axes[0].fill_between(r["its"], r["nll_lo"], r["nll_hi"], color=colors[name], alpha=0.15)
+    axes[0].set(xlabel="step", ylabel="held-out token NLL (nats)", title="val NLL (hard labels), seed range shaded")
+    axes[0].set_ylim(top=min(max(r["nll"][min(1, len(r["nll"]) - 1)] for r in rows.values()), axes[0].get_ylim()[1]))
+    axes[0].legend(fontsize=8)
+    title = f"FID, {a.num_samples} samples, cfg {a.cfg[0]:g}"
+    if len(a.fid_at) > 1:  # a curve per objective
+        for name, r in rows.items():
+            axes[1].plot(r["fid_its"], r["fid"], "o-", color=colors[name], label=name, ms=4)
+            axes[1].fill_between(r["fid_its"], r["fid_lo"], r["fid_hi"], color=colors[name], alpha=0.15)
+        axes[1].set(xlabel="step", ylabel="FID", title=title)
+    else:  # one FID step: a bar per objective, seed range as the error bar
+        names = list(rows)
+        m = np.array([rows[n]["fid"][-1] for n in names])
+        err = [m - [rows[n]["fid_lo"][-1] for n in names], [rows[n]["fid_hi"][-1] for n in names] - m]
+        axes[1].bar(range(len(names)), m, yerr=err, color=[colors[n] for n in names], capsize=4)
+        axes[1].set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        axes[1].set_ylim(0.9 * (m - err[0]).min(), 1.03 * (m + err[1]).max())
+        axes[1].set(ylabel="FID", title=f"{title}, step {a.fid_at[0]}")
     fig.tight_layout()
     fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=110)
     plt.close(fig)
@@ -243,7 +261,8 @@ def plots(a, objs, rows):
     snce.sort(key=lambda x: x[0])
     toy = read_json(a.toy_metrics)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, label in ((axes[0], "best", "final FID, best cfg"), (axes[1], "nll", "final val NLL (nats)")):
+    fid_label = "final FID, best cfg" if len(a.cfg) > 1 else f"final FID, cfg {a.cfg[0]:g}"
+    for ax, key, label in ((axes[0], "best", fid_label), (axes[1], "nll", "final val NLL (nats)")):
         if snce:
             t = [x for x, _ in snce]
             ax.errorbar(t, [r[key][-1] for _, r in snce],
@@ -254,6 +273,9 @@ def plots(a, objs, rows):
             if not name.startswith("SNCE"):
                 ax.axhline(r[key][-1], color=colors[name], ls="--", label=name)
         ax.set(xscale="log", xlabel="tau", ylabel=label, title=f"MNIST-5k, K=16,384: {label} vs tau")
+        if snce:  # label the taus run, not log-scale minor ticks
+            ax.set_xticks([x for x, _ in snce], [f"{x:g}" for x, _ in snce], minor=False)
+            ax.minorticks_off()
         ax.legend(fontsize=8)
     if toy.get("tau_sweep"):
         t = sorted(toy["tau_sweep"], key=float)

@@ -36,7 +36,7 @@ def write_run(out, name, seed, nll, fid):
 
 def report_args(out, *extra):
     return ["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--iters", "200",
-            "--fid_at", "100", "200", "--taus", "0.01", "--ls", "0.1", "--seeds", "0", "1",
+            "--fid_at", "100", "200", "--cfg", "3", "1.5", "--taus", "0.01", "--ls", "0.1", "--seeds", "0", "1",
             "--toy_metrics", os.path.join(out, "none.json"), *extra]
 
 
@@ -66,6 +66,24 @@ def test_report_numbers(tmp_path):
         assert f.read() == table
     for png in ("study_curves.png", "study_tau.png"):
         assert os.path.getsize(os.path.join(out, "assets", png)) > 1000
+
+
+def test_report_skips_unfinished_runs_and_idle_columns(tmp_path):
+    """A run still training (no NLL / FID at --iters yet) is left out, not allowed to cut its
+    objective's curves short; with one cfg and one FID step the sweep and FID-convergence columns go."""
+    out = str(tmp_path)
+    for s in (0, 1):
+        write_run(out, "CE", s, {100: 5.0 + s, 200: 4.0 + s}, {(200, 3.0): 30.0 + s})
+    write_run(out, "SNCE tau=0.01", 0, {100: 4.5, 200: 3.5}, {(200, 3.0): 20.0})
+    write_run(out, "SNCE tau=0.01", 1, {100: 9.0}, {})  # in progress
+    args = report_args(out, "--fid_at", "200", "--cfg", "3")
+    table = study.main(args)
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
+    assert rows["objective"][4:] == ["FID @ 200", "steps to CE's final NLL (4.500) |"]
+    assert rows["CE"][2:] == ["4.500 ± 0.500", "4.500 (200)", "30.5 ± 0.5", "200 |"]
+    assert rows["SNCE tau=0.01"][2:] == ["3.500 ± 0.000", "3.500 (200)", "20.0 ± 0.0", "100 |"]  # 4.5 at 100
+    assert "LS eps=0.1" not in rows
+    assert "Incomplete (fewer finished seeds than asked): SNCE tau=0.01, LS eps=0.1." in table
 
 
 def test_mean_curve_and_steps_to():
