@@ -27,6 +27,7 @@ import json
 import math
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import time
@@ -96,34 +97,60 @@ def tokenizer_stage(out, threads):
     return tok
 
 
+def val_nll(d):
+    """{iter: held-out NLL} from a run's train.py log."""
+    return {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
+
+
+def replay(train_args, d, stop, log, threads):
+    """A run already trained past `stop` (the step joined --fid_at later): retrain a copy from scratch
+    to `stop` in {d}/replay_{stop}. Same seed, data order and thread count give the same weights,
+    checked on the val NLL both logged; -> the copy's dir, for sample.py."""
+    r = os.path.join(d, f"replay_{stop}")
+    shutil.rmtree(r, ignore_errors=True)  # a replay cut off half way starts over
+    sh(["train.py", TRAIN_CONFIG, f"--out_dir={r}"] + train_args + [f"--max_iters={stop}", "--init_from=scratch"],
+       log, threads)
+    ours, theirs = val_nll(d), val_nll(r)
+    diff = {i: (ours[i], theirs[i]) for i in theirs if i in ours and abs(ours[i] - theirs[i]) > 1e-6}
+    if diff:
+        raise RuntimeError(f"replay of {d} to step {stop} differs from the run (val NLL run vs replay: {diff}); "
+                           "was the run trained with another thread count or code version?")
+    return r
+
+
 def run_job(job, a, tok, threads):
     """Train one (objective, seed) to each FID step in turn; FID at every cfg after each."""
     name, over, seed = job
     d = run_dir(a.out, name, seed)
     os.makedirs(d, exist_ok=True)
-    log, ckpt = os.path.join(d, "study.log"), os.path.join(d, "ckpt.pt")
-    args = ["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--seed={seed}", f"--lr_decay_iters={a.iters}",
-            f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val"]
-    args += [f"--{k}={v}" for k, v in {**over, **a.set}.items()]
+    log = os.path.join(d, "study.log")
+    train_args = [f"--seed={seed}", f"--lr_decay_iters={a.iters}", f"--data_dir={tok}/encoded_train",
+                  f"--val_dir={tok}/encoded_val"] + [f"--{k}={v}" for k, v in {**over, **a.set}.items()]
     for stop in a.fid_at:
-        done = {r["iter"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
-        if max(done, default=0) > stop:  # trained past it before this step joined --fid_at
-            print(f"note: {d} is past step {stop}; no FID there", flush=True)
-            continue
-        if stop not in done:
-            resume = "resume" if os.path.isfile(ckpt) else "scratch"
-            sh(args + [f"--max_iters={stop}", f"--init_from={resume}"], log, threads)
         have = {(r["iter"], r["cfg_scale"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))
                 if r["num_samples"] == a.num_samples}
-        for cfg in a.cfg if stop == a.iters else a.cfg[:1]:  # the sweep at the end only: FID is costly
-            if (stop, cfg) not in have:
-                sh(["sample.py", f"--ckpt={ckpt}", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
-                    f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
-                    f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
+        todo = [c for c in (a.cfg if stop == a.iters else a.cfg[:1]) if (stop, c) not in have]  # sweep at the end only
+        if not todo:
+            continue
+        src, done = d, val_nll(d)
+        if max(done, default=0) > stop:
+            src = replay(train_args, d, stop, log, threads)
+        elif stop not in done:
+            resume = "resume" if os.path.isfile(os.path.join(d, "ckpt.pt")) else "scratch"
+            sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}"] + train_args + [f"--max_iters={stop}",
+               f"--init_from={resume}"], log, threads)
+        for cfg in todo:
+            sh(["sample.py", f"--ckpt={src}/ckpt.pt", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
+                f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
+                f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
+        if src != d:  # the replay's FIDs join the run's; its checkpoint and samples go
+            with open(os.path.join(src, "fid.jsonl")) as f, open(os.path.join(d, "fid.jsonl"), "a") as g:
+                g.write(f.read())
+            shutil.rmtree(src)
         for f in os.listdir(d):  # the .npz of each FID (3 MB each) is not needed afterwards
             if f.startswith("samples_") and (f.endswith(".npz") or f.endswith(".npz.tmp.npy")):
                 os.remove(os.path.join(d, f))
-    print(f"done: {name}, seed {seed}", flush=True)
+    print(f"done: {name}, seed {seed}\n", end="", flush=True)  # one write: worker threads share stdout
 
 
 # -----------------------------------------------------------------------------
@@ -200,6 +227,8 @@ def report(a, objs, q_stats):
         rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi,
                           best=bm, best_lo=blo, best_hi=bhi)
         to_nll, to_fid = steps_to(its, nm, ce_nll), steps_to(fits, fm, ce_fid)
+        if to_fid is not None and to_fid > a.fid_at[0] and to_fid == fits[0]:  # earlier FID steps not measured
+            to_fid = f"<= {to_fid}"
         cells = ([name, f"{q[0]:.2f} / {q[1]:.0f}" if q else "1.00 / 1" if name == "CE" else "—",
                   fmt(nm[-1], nlo[-1], nhi[-1], 3), f"{nm[best]:.3f} ({its[best]})"]
                  + [fids.get(s, "—") for s in a.fid_at] + [swept] * sweep
@@ -342,8 +371,8 @@ def parse(argv=None):
     p.add_argument("--out", default="out/study", help="tokenizer, runs, results.md")
     p.add_argument("--assets", default="assets", help="where the plots go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
-                   help="SNCE temperatures (l2 units of the study tokenizer: q top-1 mass 0.68 ... 0.20)")
+    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+                   help="SNCE temperatures (l2 units of the study tokenizer: q top-1 mass 0.68 ... 0.008)")
     p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
     p.add_argument("--iters", type=int, default=400, help="training steps per run")
     p.add_argument("--fid_at", type=int, nargs="+", default=[400], help="steps with FID")
@@ -385,7 +414,7 @@ def main(argv=None):
     if not a.report_only:
         if not a.tokenizer:
             tokenizer_stage(a.out, os.cpu_count() or 1)
-        jobs = [(name, over, s) for s in a.seeds for name, over in objs]
+        jobs = [(name, over, s) for name, over in objs for s in a.seeds]  # an objective's seeds finish together
         with ThreadPoolExecutor(a.workers) as pool:
             for fut in [pool.submit(run_job, j, a, tok, threads) for j in jobs]:
                 fut.result()

@@ -151,3 +151,21 @@ def test_study_end_to_end(tmp_path):
     for name in names:
         d = study.run_dir(out, name, 0)
         assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[name]
+    # a FID step missing from a run already past it (the step joined --fid_at later): a replay from
+    # scratch to that step gives the same weights (checked on the val NLL) and the FID there
+    d = study.run_dir(out, "SNCE tau=0.5", 0)
+    fids = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+    with open(os.path.join(d, "fid.jsonl"), "w") as f:
+        f.write(json.dumps(fids[1]) + "\n")
+    study.main(args)
+    again = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+    assert [(r["iter"], r["cfg_scale"]) for r in again] == [(4, 1.5), (2, 1.5)]
+    assert again[1]["fid"] == pytest.approx(fids[0]["fid"], rel=1e-6)  # same weights, same sampling seed
+    assert not [f for f in os.listdir(d) if f.startswith("replay")]
+    with open(os.path.join(d, "fid.jsonl"), "w") as f:  # a run whose logged NLL the replay cannot match
+        f.write(json.dumps(fids[1]) + "\n")
+    lines = open(os.path.join(d, "log.jsonl")).read().replace('"val_nll": ', '"val_nll": 1', 1)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        f.write(lines)
+    with pytest.raises(RuntimeError, match="differs from the run"):
+        study.main(args)
