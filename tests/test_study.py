@@ -86,6 +86,20 @@ def test_report_skips_unfinished_runs_and_idle_columns(tmp_path):
     assert "Incomplete (fewer finished seeds than asked): SNCE tau=0.01, LS eps=0.1." in table
 
 
+def test_report_fid_step_not_measured_for_every_objective(tmp_path):
+    """An objective without FID at an early --fid_at step: "—" there, and reaching CE's final FID at
+    its first measured step can only be bounded ("<= step")."""
+    out = str(tmp_path)
+    for s in (0, 1):
+        write_run(out, "CE", s, {100: 5.0, 200: 4.0}, {(100, 3.0): 40.0, (200, 3.0): 30.0})
+        write_run(out, "SNCE tau=0.01", s, {100: 4.5, 200: 3.5}, {(200, 3.0): 20.0})
+        write_run(out, "LS eps=0.1", s, {100: 6.0, 200: 5.0}, {(100, 3.0): 25.0, (200, 3.0): 20.0})
+    table = study.main(report_args(out, "--cfg", "3"))
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
+    assert rows["SNCE tau=0.01"][4:] == ["—", "20.0 ± 0.0", "200", "<= 200 |"]
+    assert rows["LS eps=0.1"][4:] == ["25.0 ± 0.0", "20.0 ± 0.0", "not reached", "100 |"]
+
+
 def test_mean_curve_and_steps_to():
     runs = [{"nll": {0: 3.0, 50: 2.0, 100: 1.0}}, {"nll": {0: 5.0, 50: 4.0}}]  # seed 2 stopped early
     its, m, lo, hi = study.mean_curve(runs, "nll")
