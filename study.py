@@ -104,15 +104,19 @@ def val_nll(d):
     return {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
 
 
-def replay(train_args, d, stop, log, threads):
-    """A run already trained past `stop` (the step joined --fid_at later): retrain a copy from scratch
-    to `stop` in {d}/replay_{stop}. Same seed, data order and thread count give the same weights,
-    checked on the val NLL both logged; -> the copy's dir, for sample.py."""
+def train(out_dir, train_args, stop, init_from, log, threads):
+    sh(["train.py", TRAIN_CONFIG, f"--out_dir={out_dir}"] + train_args + [f"--max_iters={stop}",
+       f"--init_from={init_from}"], log, threads)
+
+
+def replay(train_args, d, ours, stop, log, threads):
+    """A run already trained past `stop` (the step joined --fid_at later; ours: its {iter: val NLL}):
+    retrain a copy from scratch to `stop` in {d}/replay_{stop}. Same seed, data order and thread
+    count give the same weights, checked on the val NLL both logged; -> the copy's dir, for sample.py."""
     r = os.path.join(d, f"replay_{stop}")
     shutil.rmtree(r, ignore_errors=True)  # a replay cut off half way starts over
-    sh(["train.py", TRAIN_CONFIG, f"--out_dir={r}"] + train_args + [f"--max_iters={stop}", "--init_from=scratch"],
-       log, threads)
-    ours, theirs = val_nll(d), val_nll(r)
+    train(r, train_args, stop, "scratch", log, threads)
+    theirs = val_nll(r)
     diff = {i: (ours[i], theirs[i]) for i in theirs if i in ours and abs(ours[i] - theirs[i]) > 1e-6}
     if diff:
         raise RuntimeError(f"replay of {d} to step {stop} differs from the run (val NLL run vs replay: {diff}); "
@@ -136,11 +140,10 @@ def run_job(job, a, tok, threads):
             continue
         src, done = d, val_nll(d)
         if max(done, default=0) > stop:
-            src = replay(train_args, d, stop, log, threads)
+            src = replay(train_args, d, done, stop, log, threads)
         elif stop not in done:
-            resume = "resume" if os.path.isfile(os.path.join(d, "ckpt.pt")) else "scratch"
-            sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}"] + train_args + [f"--max_iters={stop}",
-               f"--init_from={resume}"], log, threads)
+            train(d, train_args, stop, "resume" if os.path.isfile(os.path.join(d, "ckpt.pt")) else "scratch", log,
+                  threads)
         for cfg in todo:
             sh(["sample.py", f"--ckpt={src}/ckpt.pt", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
                 f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
