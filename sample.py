@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import data
 from data import save_grid, to_uint8
-from configurator import configure, init_distributed, load_checkpoint
+from common import configure, init_distributed, load_checkpoint
 
 # -----------------------------------------------------------------------------
 # helpers (tests import the FID pieces; the image writers live in data.py)

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from configurator import configure, init_distributed, load_checkpoint, save_checkpoint
+from common import configure, init_distributed, load_checkpoint, save_checkpoint
 from snce import METRICS, nearest_code
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import configure, init_distributed, load_checkpoint, save_checkpoint
+from common import configure, init_distributed, load_checkpoint, save_checkpoint
 from model import GPT, MODELS, GPTConfig
 from snce import dissimilarity, fused_linear_snce
 from tokenizer import ResidualQuantizer, Tokenizer, TokenizerConfig, residuals_from

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from configurator import save_checkpoint  # noqa: E402
+from common import save_checkpoint  # noqa: E402
 
 NUM_CLASSES = 3
 

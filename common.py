@@ -1,0 +1,397 @@
+"""
+Plumbing shared by the scripts (train_tokenizer.py, encode.py, train.py, sample.py): config
+overrides, input checks, DDP and device setup, the learning-rate schedule, the data order,
+atomic files (checkpoints, logs, json), run directories, portable paths. One place for each of
+these ideas; importing this module configures nothing.
+
+Config (nanoGPT's configurator idea, with clear errors): in a script, right after its block of
+module-level config globals,
+
+    config = configure(globals())        # python script.py config/foo.py --lr=3e-4 --compile=False
+
+Config keys are the script's globals with plain values (int/float/bool/str/None/tuple/list), except
+_private names and UPPER_CASE constants. Positional arguments are config files (python, exec'd;
+only assignments to existing keys allowed); `--key=value` overrides are parsed with
+ast.literal_eval and fall back to the raw string. Unknown keys and values whose type does not
+match the default (int is accepted for float; a None default accepts anything) fail with a
+message listing the valid keys.
+"""
+
+import ast
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+_TYPES = (int, float, bool, str, tuple, list, type(None))
+
+# -----------------------------------------------------------------------------
+# config
+
+
+def _config_keys(g):
+    """Config = plain-valued globals, minus _private names and CONSTANTS (e.g. imported METRICS)."""
+    return sorted(k for k, v in g.items() if not k.startswith("_") and not k.isupper()
+                  and isinstance(v, _TYPES) and not isinstance(v, type))
+
+
+def _check(key, value, g, keys, where):
+    if key not in keys:
+        raise ValueError(f"unknown config key {key!r} ({where}); valid keys: {', '.join(keys)}")
+    default = g[key]
+    if default is None:  # None default: anything goes
+        return value
+    want = type(default)
+    ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))
+          or want is float and isinstance(value, int) and not isinstance(value, bool)
+          or want in (tuple, list) and isinstance(value, (tuple, list)))
+    if not ok:
+        raise ValueError(f"config key {key!r} ({where}): expected {want.__name__} like the default "
+                         f"{default!r}, got {type(value).__name__} {value!r}")
+    if want is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r} ({where}): expected a finite number, got {value!r}")
+    if want in (tuple, list):
+        value = want(value)
+    return value
+
+
+def configure(g, argv=None):
+    """Apply config files and --key=value overrides to the globals dict g. Returns the snapshot
+    and records which keys were set explicitly in g's `_explicit` (see `explicit`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    keys = _config_keys(g)
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file
+            if not os.path.isfile(arg):
+                raise ValueError(f"config file {arg!r} not found (expected a path like config/x.py "
+                                 "or an override like --key=value)")
+            scope = {}
+            with open(arg) as f:
+                exec(f.read(), {}, scope)
+            for k, v in scope.items():
+                if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys)):
+                    g[k] = _check(k, v, g, keys, f"in {arg}")
+                    given.add(k)
+        else:
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"override {arg!r} must look like --key=value")
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare string such as --dataset=mnist
+            g[key] = _check(key, value, g, keys, f"from {arg}")
+            given.add(key)
+    g["_explicit"] = frozenset(given)
+    return {k: g[k] for k in keys}
+
+
+def check_choice(config, key, allowed):
+    """Raise unless config[key] is one of allowed."""
+    if config[key] not in allowed:
+        raise ValueError(f"config key {key!r}: expected one of {tuple(allowed)}, got {config[key]!r}")
+
+
+def check_range(config, key, lo=None, hi=None, lo_open=False, hi_open=False):
+    """Raise unless lo <= config[key] <= hi (strict where *_open); None = unbounded."""
+    v = config[key]
+    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
+          (hi is not None and (v >= hi if hi_open else v > hi))
+    if bad:
+        lb = "-inf" if lo is None else f"{lo}"
+        ub = "inf" if hi is None else f"{hi}"
+        rng = f"{'(' if lo_open or lo is None else '['}{lb}, {ub}{')' if hi_open or hi is None else ']'}"
+        raise ValueError(f"config key {key!r}: expected a value in {rng}, got {v!r}")
+
+
+def warn_ignored(config, explicit, keys, why):
+    """Print a warning for keys set explicitly (config file or --key=) that the run ignores."""
+    unused = [k for k in keys if k in explicit]
+    if unused:
+        print(f"warning: {', '.join(f'{k}={config[k]!r}' for k in unused)} ignored: {why}")
+    return unused
+
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+
+def init_distributed(device):
+    """-> (ddp, rank, local_rank, world_size, device). DDP iff torchrun set RANK; nccl on CUDA,
+    gloo on CPU (so the multi-process path runs in CI). Each rank gets cuda:<local_rank>."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if str(device).startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
+    return True, rank, local_rank, world_size, device
+
+
+def setup_device(device, dtype="bfloat16"):
+    """-> (device_type, ptdtype, autocast context). bf16 autocast on CUDA when dtype says so;
+    fp32 on the CPU (its bf16 matmuls are not faster through autocast here). TF32 on CUDA."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype: expected 'bfloat16' or 'float32', got {dtype!r}")
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device (use --device=cpu)")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif str(device) != "cpu":
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    ptdtype = torch.bfloat16 if device_type == "cuda" and dtype == "bfloat16" else torch.float32
+    autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    return device_type, ptdtype, autocast
+
+
+def step_seed(seed, it, rank, world_size):
+    """The global RNG seed of step `it` on `rank`: randomness (dropout, masks, flips) is a
+    function of (seed, step, rank), so resume is exact without saving RNG states."""
+    return seed * 1_000_003 + it * world_size + rank
+
+
+# -----------------------------------------------------------------------------
+# learning rate and data order
+
+
+def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters):
+    """Linear warmup ((it + 1) / (warmup + 1) of the peak, never 0), then cosine from
+    learning_rate down to min_lr at decay_iters, min_lr after."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+
+
+def batches_per_epoch(n, world_size, batch_size):
+    """Full batches per rank per epoch; every rank gets the same number (collectives match)."""
+    return n // world_size // batch_size
+
+
+def batch_indices(n, seed, step, rank, world_size, batch_size):
+    """Rows of batch number `step` (counted over the whole run) for this rank: epoch e is
+    epoch_permutation(n, seed, e) cut into contiguous per-rank shards of n // world_size rows,
+    each read in batch_size pieces (the tail that does not fill a batch is dropped). Stateless:
+    the data position is just the step, so resume is exact. Sorted: sequential memmap reads."""
+    per_epoch = batches_per_epoch(n, world_size, batch_size)
+    if per_epoch == 0:
+        raise ValueError(f"{n} training items are too few for batch_size={batch_size} x "
+                         f"{world_size} ranks")
+    epoch, pos = divmod(step, per_epoch)
+    start = rank * (n // world_size) + pos * batch_size
+    return np.sort(epoch_permutation(n, seed, epoch)[start:start + batch_size])
+
+
+def shard_range(n, rank, world_size):
+    """[lo, hi) of rank's contiguous share of n items (ceil split; the last ranks may get less
+    or nothing): how encode.py and sample.py split their outputs across ranks."""
+    per_rank = -(-n // world_size)
+    return min(n, rank * per_rank), min(n, (rank + 1) * per_rank)
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, checkpoints, logs, run directories, portable paths
+
+
+def _tmp_name(path):
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def atomic_write_text(path, text):
+    """Write text to path through a temp file + os.replace: a kill leaves the old or the new
+    file, never a truncated one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path, what="json file"):
+    """-> the parsed object; a missing or malformed file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON ({e}); it may be truncated") from e
+
+
+def read_jsonl(path):
+    """Records of a .jsonl log ([] if missing). A partial last line (a kill mid-append) is
+    dropped with a warning; a bad line elsewhere is an error naming the line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the append was cut short
+                print(f"warning: {path}: dropping a partial last line ({len(line)} chars)")
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e})") from e
+    return out
+
+
+def append_jsonl(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def rewrite_jsonl(path, records):
+    """Atomically replace a .jsonl log by these records (e.g. cut back to a checkpoint)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write a temp file in the same directory, then os.replace (never a half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _tmp_name(path)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu", what="checkpoint"):
+    """Load with weights_only=True (a checkpoint can't run code); a missing, empty, truncated
+    or foreign file is an error that names it and says what was expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} not found: fix the path, or train one first "
+                                "(train_tokenizer.py / train.py write out_dir/ckpt.pt)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty (0 bytes): expected a torch.save file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ...
+        msg = str(e)
+        if "weights_only" in msg or "Unpickler" in msg or "GLOBAL" in msg:
+            why = ("it holds Python objects other than tensors and plain values; this repo refuses "
+                   "to unpickle them (loading could run code). Expected a checkpoint written by "
+                   "this repo")
+        else:
+            why = f"it is not a readable torch.save file (truncated or corrupt?): {type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
+        raise ValueError(f"{what} {path!r}: {why}") from None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(path):
+    """Remove `{path}.tmp.<pid>` files left by killed writers (their pid no longer runs).
+    Returns the removed paths."""
+    d, base = os.path.split(os.path.abspath(path))
+    removed = []
+    if not os.path.isdir(d):
+        return removed
+    for name in os.listdir(d):
+        if name.startswith(base + ".tmp."):
+            pid = name[len(base) + 5:]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                os.remove(os.path.join(d, name))
+                removed.append(os.path.join(d, name))
+    return removed
+
+
+def prepare_run_dir(out_dir, init_from, run_files=("ckpt.pt", "log.jsonl")):
+    """A scratch run refuses a directory that already holds a run (never overwrite one); a
+    resume needs one. Leftover temp files of killed writers are removed either way."""
+    if init_from not in ("scratch", "resume"):
+        raise ValueError(f"init_from: expected 'scratch' or 'resume', got {init_from!r}")
+    found = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == "scratch" and found:
+        raise FileExistsError(
+            f"out_dir {out_dir!r} already holds a run ({', '.join(found)}): continue it with "
+            f"--init_from=resume, choose another --out_dir, or delete {out_dir!r} to start over")
+    if init_from == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        raise FileNotFoundError(f"init_from=resume: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} "
+                                "(train with init_from=scratch first, or set out_dir to the run to continue)")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in run_files:
+        for p in clean_stale_tmp(os.path.join(out_dir, f)):
+            print(f"removed {p} (left by a killed writer)")
+
+
+def config_diff(saved, now, keys):
+    """{key: (saved, now)} for the keys whose values differ (missing counts as None)."""
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def check_resume(path, diff, what="config"):
+    """Raise if a resume would continue a run with an incompatible config."""
+    if diff:
+        raise ValueError(f"init_from=resume: {path} is incompatible with this {what} "
+                         f"(key: (checkpoint, now)): {diff}")
+
+
+def portable_path(path, start):
+    """path as stored in a run's files: relative to the directory `start` (so the run can be
+    moved or copied with what it refers to), absolute if on another drive."""
+    try:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(start))
+    except ValueError:
+        return os.path.abspath(path)
+
+
+def resolve_path(stored, start, what="file"):
+    """Find a path stored by portable_path: relative to `start` first, then as given (older
+    runs stored absolute paths, or cwd-relative). A miss names both places tried."""
+    tried = [os.path.normpath(os.path.join(start, stored)), stored]
+    for p in tried:
+        if os.path.exists(p):
+            return p
+    raise FileNotFoundError(f"{what} {stored!r} (recorded in {start!r}) not found; tried "
+                            f"{tried}. Pass its path explicitly (e.g. --tokenizer_ckpt=...)")
+
+
+def fingerprint(state_dict):
+    """Content hash of a state dict (names, dtypes, shapes, bytes): identifies a tokenizer by
+    its weights and codebooks, not by where its file is or which step it was saved at."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k]
+        if not torch.is_tensor(t):
+            h.update(f"{k}={t!r};".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
