@@ -78,6 +78,7 @@ compile = False
 config = configure(globals())
 # -----------------------------------------------------------------------------
 check_choice(config, "dataset", ("mnist", "folder"))
+check_choice(config, "init_from", ("scratch", "resume"))
 for _k in ("batch_size", "max_iters", "log_interval", "eval_interval", "eval_max", "util_window",
            "kmeans_batches"):
     check_range(config, _k, 1)
@@ -127,6 +128,11 @@ def resume(model, optimizer, cfg, ckpt_path, window):
     """Load model / optimizer / utilization window from ckpt_path after checking that it is the
     same experiment; -> the step to continue from."""
     ck = load_checkpoint(ckpt_path, map_location=device, what="tokenizer checkpoint")
+    missing = [k for k in ("model", "optimizer", "model_config", "config", "iter", "util_window")
+               if k not in ck]
+    if missing:
+        raise ValueError(f"{ckpt_path} is not a tokenizer checkpoint written by train_tokenizer.py "
+                         f"(missing {missing}): a generator checkpoint from train.py?")
     check_resume(ckpt_path, config_diff(ck["model_config"], asdict(cfg), asdict(cfg)), "model config")
     check_resume(ckpt_path, config_diff(ck["config"], config, RESUME_KEYS))
     if master and ck["config"].get("max_iters") != max_iters:
