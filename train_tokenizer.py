@@ -236,7 +236,8 @@ def main():
                 print(f"eval iter {it} | val psnr {metrics['psnr']:.2f} | "
                       f"E||z||^2 {metrics['latent_power']:.4f} | "
                       f"{fmt_levels(metrics['util'], metrics['ppl'], metrics['qerr'])}")
-                save_recon_grid(*first, os.path.join(out_dir, f"recon_{it:06d}.png"))
+                if first is not None:  # None when eval_max < world_size left rank 0 no image
+                    save_recon_grid(*first, os.path.join(out_dir, f"recon_{it:06d}.png"))
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "iter": it, "model_config": asdict(cfg), "config": config,
                                  "num_classes": num_classes, "dataset": dataset, "metrics": metrics,

@@ -51,3 +51,17 @@ def make_encoded(root, n_train=48, n_val=12, seed=0):
         encode_split(ckpt, split, os.path.join(root, split), batch_size=16,
                      dataset=(ds, list(range(NUM_CLASSES))))
     return os.path.join(root, "train"), os.path.join(root, "val"), ckpt
+
+
+def make_image_folder(root, n_per_class=6, size=20):
+    """{root}/{train,val}/{a,b}/<i>.png: random RGB images, size x (size + 4) (not square: the
+    loader resizes the short side and centre crops)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n_per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(
+                    os.path.join(root, split, c, f"{i}.png"))

@@ -15,22 +15,11 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 from encode import encode_split  # noqa: E402
-from helpers import make_encoded, make_tokenizer_ckpt  # noqa: E402
-
-
-def _make_folder(root, n_per_class=6, size=20):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(root / split / c)
-            for i in range(n_per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png")
+from helpers import make_encoded, make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 
 def test_image_folder_dataset_and_errors(tmp_path):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     ds, n_cls, ch = data.get_dataset("folder", "train", 16, str(tmp_path))
     x, y = ds[7]
     assert (n_cls, ch, len(ds), x.shape, y) == (2, 3, 12, (3, 16, 16), 1)
@@ -72,7 +61,7 @@ def _add_bad_images(root):
 
 
 def test_scan_images_drops_unreadable_files(tmp_path):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     _add_bad_images(tmp_path)
     ds, _, _ = data.get_dataset("folder", "val", 16, str(tmp_path))
     assert len(ds) == 14
@@ -87,7 +76,7 @@ def test_scan_images_drops_unreadable_files(tmp_path):
 def test_encode_folder_with_bad_image_scan(tmp_path, capsys):
     """Without the scan a bad file stops the encode with a hint; with it, the file is skipped,
     counted, and recorded in meta.json."""
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     _add_bad_images(tmp_path)
     ckpt = str(tmp_path / "ckpt.pt")
     make_tokenizer_ckpt(ckpt, in_channels=3, image_size=8,

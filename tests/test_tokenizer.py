@@ -23,7 +23,7 @@ import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from common import resolve_path, save_checkpoint  # noqa: E402
 from encode import encode_split  # noqa: E402
-from helpers import make_tokenizer_ckpt  # noqa: E402
+from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 
 def tiny_cfg(**kw):
@@ -369,17 +369,6 @@ def test_encode_cli_refuses_model_options(tmp_path):
 # train_tokenizer.py: bad options, run directories, checkpoints, exact resume
 
 
-def _make_folder(root, n_per_class=6, size=20):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(root / split / c)
-            for i in range(n_per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png")
-
-
 def tiny_run_args(root, out_dir, *extra):
     return ["--dataset=folder", f"--data_root={root}", "--image_size=16", "--channels=(8, 8, 8)",
             "--code_dim=4", "--levels=2", "--codebook_size=16", "--batch_size=4", "--eval_interval=3",
@@ -398,7 +387,7 @@ def tiny_run_args(root, out_dir, *extra):
     ("--ema_decay=1.5", "ema_decay in \\[0, 1\\)"), ("--dtype=fp16", "dtype: expected"),
 ])
 def test_train_tokenizer_bad_options(tmp_path, arg, msg):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     with pytest.raises(ValueError, match=msg):
         run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "run", arg))
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
@@ -407,7 +396,7 @@ def test_train_tokenizer_bad_options(tmp_path, arg, msg):
 def test_train_tokenizer_run_dir_safety(tmp_path, capsys):
     """Scratch refuses a used out_dir (nothing touched); leftover temp files of killed writers
     are removed; resuming a finished run trains nothing; resume refuses another experiment."""
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt.pt.tmp.999999999").write_bytes(b"half a checkpoint")   # a writer killed mid-save
@@ -430,7 +419,7 @@ def test_train_tokenizer_run_dir_safety(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", sorted(BAD_CKPT))
 def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     path = _bad_checkpoints(tmp_path)[kind]
     run = tmp_path / "run"
     run.mkdir()
@@ -441,7 +430,7 @@ def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
 
 @pytest.mark.slow  # three short training subprocesses: ~10 s on an idle 2-core machine
 def test_exact_resume(tmp_path):
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     run = lambda out, *a: subprocess.run(  # noqa: E731
         [sys.executable, os.path.join(ROOT, "train_tokenizer.py"),
          *tiny_run_args(tmp_path, out, "--random_flip=True", *a)], capture_output=True, text=True, cwd=ROOT)
@@ -489,7 +478,7 @@ def test_torchrun_train_and_encode_two_ranks(tmp_path):
     """train_tokenizer.py and encode.py under torchrun (2 gloo ranks), with the image scan: ranks
     agree on the dropped file, eval covers every val image once, and the 2-rank encoding equals
     the 1-process one."""
-    _make_folder(tmp_path)
+    make_image_folder(tmp_path)
     (tmp_path / "val" / "b" / "broken.JPEG").write_bytes(b"not a jpeg")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
