@@ -8,7 +8,6 @@ import os
 import runpy
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from common import resolve_path, save_checkpoint  # noqa: E402
+from common import resolve_path  # noqa: E402
 from encode import encode_split  # noqa: E402
 from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
