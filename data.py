@@ -18,6 +18,7 @@ Datasets and the reader of encoded token memmaps.
   are errors naming the file and what was expected.
 
 Images are float32 in [-1, 1], shape (C, H, W); labels are int64 class indices.
+Tests: python -m pytest -q tests/test_data.py
 """
 
 import importlib.util

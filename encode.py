@@ -15,6 +15,7 @@ checkpoint; --data_root overrides where the images are now. Running it again is 
 directory already holds this encoding (same tokenizer weights, same data); a different one
 (e.g. a retrained tokenizer) is refused unless --overwrite=True. Ranks write disjoint contiguous
 slices of one memmap. From Python (tests): encode_split(ckpt, split, encode_dir, ...).
+Tests: python -m pytest -q tests/test_tokenizer.py tests/test_data.py
 """
 
 import os

@@ -15,6 +15,7 @@ metrics.json and recon_<iter>.png. Then encode splits with encode.py.
 A scratch run refuses an out_dir that holds a run (resume it, or pick another out_dir). Resume
 is exact: the data order (common.batch_indices), flips and restarts (common.step_seed) are
 functions of (seed, step, rank), not of saved RNG states.
+Tests: python -m pytest -q tests/test_tokenizer.py (-m slow: exact resume, 2-rank torchrun)
 """
 
 import os
