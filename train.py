@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from common import configure, init_distributed, load_checkpoint, save_checkpoint
+from common import configure, init_distributed, load_checkpoint, resolve_path, save_checkpoint
 from model import GPT, MODELS, GPTConfig
 from snce import dissimilarity, fused_linear_snce
 from tokenizer import ResidualQuantizer, Tokenizer, TokenizerConfig, residuals_from
@@ -115,7 +115,7 @@ lr_decay_iters = lr_decay_iters or max_iters
 # ---- data: memmaps + meta.json from the tokenizer's encode step ----
 meta, codes_mm, latents_mm, labels_mm = data.load_encoded(data_dir)
 val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.load_encoded(val_dir)
-same = ("tokenizer_ckpt", "tokenizer_iter", "codebook_size", "levels", "code_dim", "metric")
+same = ("tokenizer_fingerprint", "tokenizer_iter", "codebook_size", "levels", "code_dim", "metric")
 if any(meta.get(k) != val_meta.get(k) for k in same) or codes_mm.shape[1:] != vcodes_mm.shape[1:]:
     raise ValueError(f"{data_dir} and {val_dir} were encoded differently: "
                      f"{ {k: (meta.get(k), val_meta.get(k)) for k in same} }")
@@ -157,7 +157,7 @@ def load_codebooks(path):
     return books
 
 
-tok_path = tokenizer_ckpt or meta["tokenizer_ckpt"]
+tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir, "tokenizer checkpoint")
 codebooks = load_codebooks(tok_path).to(device) if loss == "snce" else None  # (L, K, D)
 
 _perms = {}

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
 import sample  # noqa: E402
-from test_train import NUM_CLASSES, base_args, make_encoded, run_script, run_train  # noqa: E402
+from helpers import NUM_CLASSES, make_encoded  # noqa: E402
+from test_train import base_args, run_script, run_train  # noqa: E402
 
 
 def naive_fid(mu1, s1, mu2, s2):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sample  # noqa: E402
 import study  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
-from test_train import make_encoded  # noqa: E402
+from helpers import make_encoded  # noqa: E402
 
 
 def write_run(out, name, seed, nll, fid):
@@ -123,9 +123,10 @@ def test_study_end_to_end(tmp_path):
     """Tokenizer stage skipped (--tokenizer), 3 objectives x 1 seed, FID at steps 2 and 4,
     2 workers; then a second call finds everything done and changes nothing."""
     root = str(tmp_path)
-    train_dir, val_dir, _ = make_encoded(root)
+    train_dir, val_dir, tok_ckpt = make_encoded(root)
     tok = os.path.join(root, "tok")
     os.makedirs(tok)
+    os.rename(tok_ckpt, os.path.join(tok, "tok.pt"))  # meta.json finds it relative to the encodings
     os.rename(train_dir, os.path.join(tok, "encoded_train"))
     os.rename(val_dir, os.path.join(tok, "encoded_val"))
     weights = os.path.join(root, "fake_inception.pt")

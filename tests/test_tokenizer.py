@@ -1,8 +1,11 @@
-"""Tokenizer tests: quantizer vs naive argmin, RQ identities, EMA / restart / k-means math,
-encode/decode shapes, memmap round trip, bad inputs, exact resume, and 2-rank gloo DDP sync."""
+"""Tokenizer tests (tokenizer.py, train_tokenizer.py, encode.py): quantizer vs naive argmin, RQ
+identities, EMA / restart / k-means math, PSNR / usage / evaluate() vs naive one-pass references,
+encode/decode shapes, memmap round trip and tokenizer identity by content, bad inputs and
+checkpoints at every entry point, run-directory safety, exact resume, 2-rank gloo DDP sync.
+Dataset / encoded-format tests: test_data.py."""
 
-import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -17,7 +20,9 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from common import save_checkpoint  # noqa: E402
+from common import resolve_path  # noqa: E402
+from encode import encode_split  # noqa: E402
+from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 
 def tiny_cfg(**kw):
@@ -150,15 +155,6 @@ def test_kmeans_lloyd_vs_naive_and_init():
         q.kmeans_init(x[:3].float())
 
 
-def test_psnr_and_usage_stats_naive():
-    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([0.1, 0.2]).view(2, 1, 1, 1).expand(2, 1, 2, 2)
-    assert tk.psnr(y, x).tolist() == pytest.approx([10 * np.log10(4 / 0.01), 10 * np.log10(4 / 0.04)],
-                                                   rel=1e-5)
-    util, ppl = tk.usage_stats(torch.tensor([[1.0, 1.0, 2.0, 0.0]]))
-    p = [0.25, 0.25, 0.5]
-    assert util.tolist() == [0.75] and ppl.item() == pytest.approx(np.exp(-sum(a * np.log(a) for a in p)))
-
-
 def test_encode_decode_shapes_and_bad_inputs():
     model = tk.Tokenizer(tiny_cfg())
     x = torch.rand(2, 1, 16, 16) * 2 - 1
@@ -182,108 +178,263 @@ def test_encode_decode_shapes_and_bad_inputs():
         tiny_cfg(metric="l1")
     with pytest.raises(ValueError, match="divisible by downsample"):
         tiny_cfg(image_size=18)
+    with pytest.raises(ValueError, match="ema_decay in \\[0, 1\\)"):
+        tiny_cfg(ema_decay=1.0)
 
 
-def _tiny_ckpt(path, seed=0):
-    torch.manual_seed(seed)
-    cfg = tiny_cfg()
-    model = tk.Tokenizer(cfg)
+# -----------------------------------------------------------------------------
+# metrics: psnr, usage_stats, evaluate() against naive one-pass references
+
+
+def test_psnr_vs_naive():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 2, 4, 5, generator=g) * 2 - 1, torch.rand(3, 2, 4, 5, generator=g) * 2 - 1
+    y[2] = x[2]                                   # identical images: mse clamped, finite
+    want = []
+    for a, b in zip(x.double().tolist(), y.double().tolist()):
+        d = [(p - q) ** 2 for ca, cb in zip(a, b) for ra, rb in zip(ca, cb) for p, q in zip(ra, rb)]
+        mse = max(sum(d) / len(d), 1e-10)
+        want.append(10 * np.log10(2.0 ** 2 / mse))  # peak-to-peak 2 for images in [-1, 1]
+    assert tk.psnr(x, y).tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_usage_stats_vs_naive():
+    hist = torch.tensor([[3.0, 0.0, 1.0, 4.0, 0.0], [0.0, 0.0, 7.0, 0.0, 0.0], [0.0] * 5])
+    util, ppl = tk.usage_stats(hist)
+    for l, row in enumerate(hist.tolist()):
+        n = sum(row)
+        used = sum(c > 0 for c in row) / len(row)
+        h = -sum(c / n * np.log(c / n) for c in row if c > 0) if n else 0.0
+        assert util[l].item() == pytest.approx(used) and ppl[l].item() == pytest.approx(np.exp(h), rel=1e-6)
+    assert ppl.tolist()[1:] == [1.0, 1.0]         # one code used / none: perplexity 1
+
+
+def _naive_eval(model, x):
+    """The evaluate() metrics from one pass over all images, float64 sums in plain Python."""
+    with torch.no_grad():
+        recon = model(x)[0].double()
+        z = model.encode_latents(x).double().reshape(-1, model.config.code_dim)   # (N*h*w, D)
+    books = model.codebooks.double()
+    L, K = books.shape[:2]
+    per_image = len(z) // len(x)
+    psnr = [10 * np.log10(4 / ((r - xi.double()) ** 2).mean().item()) for r, xi in zip(recon, x)]
+    r, qerr, counts = z, [], []
+    for l in range(L):
+        t = ((r[:, None] - books[l][None]) ** 2).sum(-1).argmin(1)
+        r = r - books[l][t]
+        qerr.append(sum(v.pow(2).sum().item() for v in r) / per_image / len(x))
+        counts.append(np.bincount(t.numpy(), minlength=K))
+    util = [float((c > 0).mean()) for c in counts]
+    ppl = [float(np.exp(-sum(p * np.log(p) for p in c / c.sum() if p > 0))) for c in counts]
+    return {"psnr": sum(psnr) / len(x), "latent_power": z.pow(2).sum().item() / len(z),
+            "qerr": qerr, "util": util, "ppl": ppl, "images": len(x)}
+
+
+def test_evaluate_aggregation_vs_naive_one_pass():
+    torch.manual_seed(0)
+    model = tk.Tokenizer(tiny_cfg(codebook_size=8))
     model.quantizer.books.normal_()
-    save_checkpoint({"model": model.state_dict(), "model_config": tk.asdict(cfg), "iter": 7,
-                     "config": {"dataset": "synthetic", "data_root": ""}}, path)
-    return model
-
-
-def test_encode_memmap_round_trip(tmp_path, monkeypatch):
-    model = _tiny_ckpt(str(tmp_path / "ckpt.pt"))
     x = torch.rand(10, 1, 16, 16) * 2 - 1
-    y = torch.arange(10) % 3
-    monkeypatch.setattr(data, "get_dataset",
-                        lambda *a, **k: (torch.utils.data.TensorDataset(x, y), 3, 1))
-    for k, v in dict(ckpt=str(tmp_path / "ckpt.pt"), split="val", encode_dir=str(tmp_path / "enc"),
-                     batch_size=4, overwrite=False).items():
-        monkeypatch.setattr(tk, k, v)
-    tk.encode_split()
-    meta, codes, latents, labels = data.load_encoded(str(tmp_path / "enc"))
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(10, dtype=torch.long))
+    got, (x0, r0) = tk.evaluate(model, ds, batch_size=3, max_images=None)   # batches 3+3+3+1
+    want = _naive_eval(model, x)
+    for k in ("psnr", "latent_power", "images"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    for k in ("qerr", "util", "ppl"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    assert x0.shape == r0.shape == (3, 1, 16, 16) and model.training   # back in train mode
+    sub, _ = tk.evaluate(model, ds, batch_size=3, max_images=4)
+    assert sub["images"] == 4 and sub["psnr"] != pytest.approx(want["psnr"], rel=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, identity by content, encode.py
+
+
+def test_fingerprint_is_content_and_from_checkpoint(tmp_path):
+    model = make_tokenizer_ckpt(str(tmp_path / "a.pt"), seed=0)
+    again = make_tokenizer_ckpt(str(tmp_path / "b.pt"), seed=0)
+    other = make_tokenizer_ckpt(str(tmp_path / "c.pt"), seed=1)
+    assert model.fingerprint() == again.fingerprint() != other.fingerprint()
+    loaded = tk.Tokenizer.from_checkpoint(str(tmp_path / "a.pt"))
+    assert loaded.fingerprint() == model.fingerprint() and not loaded.training
+    model.quantizer.books[0, 0, 0] += 1e-3        # one codebook entry: another tokenizer
+    assert model.fingerprint() != loaded.fingerprint()
+
+
+def _bad_checkpoints(tmp_path):
+    """{kind: path} of files no tokenizer entry point may load (pickled objects, truncated,
+    empty, a checkpoint of something else)."""
+    import argparse
+    good = tmp_path / "good.pt"
+    make_tokenizer_ckpt(str(good))
+    raw = good.read_bytes()
+    paths = {k: tmp_path / f"{k}.pt" for k in ("pickled", "truncated", "empty", "foreign")}
+    torch.save({"model": {}, "model_config": {}, "args": argparse.Namespace(lr=1)}, paths["pickled"])
+    paths["truncated"].write_bytes(raw[: len(raw) // 2])
+    paths["empty"].write_bytes(b"")
+    torch.save({"model": {}, "iter": 3, "config": {}}, paths["foreign"])  # e.g. a train.py ckpt
+    return {k: str(v) for k, v in paths.items()}
+
+
+BAD_CKPT = {"pickled": "refuses to unpickle", "truncated": "truncated or corrupt",
+            "empty": "is empty", "foreign": "not a tokenizer checkpoint"}
+
+
+def test_bad_checkpoints_refused_by_library_and_encode(tmp_path):
+    ds = torch.utils.data.TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    for kind, path in _bad_checkpoints(tmp_path).items():
+        with pytest.raises(ValueError, match=BAD_CKPT[kind]) as e:
+            tk.Tokenizer.from_checkpoint(path)
+        assert path in str(e.value)
+        with pytest.raises(ValueError, match=BAD_CKPT[kind]):
+            encode_split(path, "val", str(tmp_path / "enc"), dataset=(ds, [0]))
+        assert not os.path.exists(tmp_path / "enc")  # nothing written
+
+
+def _encode(ckpt, out, x, y, classes=(0, 1, 2), **kw):
+    return encode_split(ckpt, "val", out, batch_size=4,
+                        dataset=(torch.utils.data.TensorDataset(x, y), list(classes)), **kw)
+
+
+def test_encode_memmap_round_trip_and_meta(tmp_path, capsys):
+    ckpt = str(tmp_path / "tok" / "ckpt.pt")
+    model = make_tokenizer_ckpt(ckpt, levels=3, codebook_size=32)
+    x, y = torch.rand(10, 1, 8, 8) * 2 - 1, torch.arange(10) % 3
+    out = _encode(ckpt, str(tmp_path / "enc"), x, y, classes=["a", "b", "c"])
+    meta, codes, latents, labels = data.load_encoded(out)
     assert codes.shape == (10, 4, 4, 3) and codes.dtype == np.uint16
     assert latents.shape == (10, 4, 4, 4) and latents.dtype == np.float16
     assert meta["codebook_size"] == 32 and meta["levels"] == 3 and meta["num_classes"] == 3
-    assert labels.tolist() == y.tolist() and meta["tokenizer_iter"] == 7
+    assert labels.tolist() == y.tolist() and meta["tokenizer_iter"] == 3
+    assert meta["classes"] == ["a", "b", "c"] and meta["tokenizer_fingerprint"] == model.fingerprint()
+    assert meta["tokenizer_ckpt"] == os.path.join("..", "tok", "ckpt.pt")   # relative: portable
     z = torch.from_numpy(np.array(latents)).float()
     with torch.no_grad():
-        z_ref = model.encode_latents(x)
         assert torch.equal(model.quantize(z), torch.from_numpy(codes.astype(np.int64)))
-    torch.testing.assert_close(z, z_ref, atol=2e-3, rtol=1e-3)
-    tk.encode_split()                           # same encoding again: a no-op, not an error
-    _tiny_ckpt(str(tmp_path / "ckpt2.pt"), seed=1)
-    monkeypatch.setattr(tk, "ckpt", str(tmp_path / "ckpt2.pt"))
-    with pytest.raises(FileExistsError, match="different encoding"):
-        tk.encode_split()
-    monkeypatch.setattr(tk, "overwrite", True)
-    tk.encode_split()
-    assert data.load_encoded(str(tmp_path / "enc"))[0]["tokenizer_ckpt"].endswith("ckpt2.pt")
+        torch.testing.assert_close(z, model.encode_latents(x), atol=2e-3, rtol=1e-3)
+    _encode(ckpt, out, x, y, classes=["a", "b", "c"])      # same encoding again: a no-op
+    assert "nothing to do" in capsys.readouterr().out
+    # the run moved (tokenizer dir and encoding together): the stored path still resolves
+    os.rename(tmp_path / "tok", tmp_path / "tok2"), os.rename(tmp_path / "enc", tmp_path / "enc2")
+    os.makedirs(tmp_path / "enc"), os.rename(tmp_path / "tok2", tmp_path / "tok")
+    found = resolve_path(meta["tokenizer_ckpt"], str(tmp_path / "enc2"))
+    assert os.path.samefile(found, ckpt)
 
 
-def test_load_encoded_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing meta.json"):
-        data.load_encoded(str(tmp_path / "nope"))
-    d = tmp_path / "enc"
-    d.mkdir()
-    np.save(d / "codes.npy", np.zeros((2, 1, 1, 1), np.uint16))
-    np.save(d / "latents.npy", np.zeros((2, 1, 1, 4), np.float16))
-    np.save(d / "labels.npy", np.zeros(2, np.int64))
-    meta = {"complete": True, "levels": 1, "code_dim": 4, "codes_shape": [3, 1, 1, 1],
-            "codes_dtype": "uint16", "latents_shape": [2, 1, 1, 4], "latents_dtype": "float16",
-            "labels_shape": [2], "labels_dtype": "int64"}
-    (d / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"expected \(3, 1, 1, 1\) uint16, got \(2, 1, 1, 1\)"):
-        data.load_encoded(str(d))
-    (d / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    with pytest.raises(ValueError, match="incomplete"):
-        data.load_encoded(str(d))
+def test_reencode_after_retraining_is_not_a_noop(tmp_path, capsys):
+    """Retraining writes another tokenizer to the same path at the same iteration: the encoding
+    must be recognised as stale (by content), refused, and redone with overwrite."""
+    ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "enc")
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 3
+    make_tokenizer_ckpt(ckpt, seed=0)
+    _encode(ckpt, out, x, y)
+    new = make_tokenizer_ckpt(ckpt, seed=1)                 # "retrained": same path, same iter
+    with pytest.raises(FileExistsError, match="different encoding.*tokenizer_fingerprint"):
+        _encode(ckpt, out, x, y)
+    capsys.readouterr()
+    _encode(ckpt, out, x, y, overwrite=True)
+    assert "nothing to do" not in capsys.readouterr().out
+    meta, codes, latents, _ = data.load_encoded(out)
+    assert meta["tokenizer_fingerprint"] == new.fingerprint()
+    z = torch.from_numpy(np.array(latents)).float()
+    assert torch.equal(new.quantize(z), torch.from_numpy(codes.astype(np.int64)))
+    with pytest.raises(FileExistsError, match="different encoding.*num_classes"):
+        _encode(ckpt, out, x, y, classes=(0, 1))           # another class set, same tokenizer
 
 
-def _make_folder(root, n_per_class=6, size=20):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            os.makedirs(root / split / c)
-            for i in range(n_per_class):
-                Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png")
+def run_script(name, *args):
+    """Run a top-level script in this process as __main__ (no torch import per run)."""
+    argv = sys.argv
+    sys.argv = [name] + [str(a) for a in args]
+    try:
+        return runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
-def test_image_folder_dataset_and_errors(tmp_path):
-    _make_folder(tmp_path)
-    ds, n_cls, ch = data.get_dataset("folder", "train", 16, str(tmp_path))
-    x, y = ds[7]
-    assert (n_cls, ch, len(ds), x.shape, y) == (2, 3, 12, (3, 16, 16), 1)
-    assert x.min() >= -1 and x.max() <= 1
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.get_dataset("folder", "test", 16, str(tmp_path))
-    (tmp_path / "empty" / "c").mkdir(parents=True)
-    with pytest.raises(ValueError, match="has no images"):
-        data.get_dataset("folder", "empty", 16, str(tmp_path))
-    (tmp_path / "train" / "a" / "broken.JPEG").write_bytes(b"not a jpeg")
-    ds, _, _ = data.get_dataset("folder", "train", 16, str(tmp_path))
-    with pytest.raises(ValueError, match="cannot read image .*broken.JPEG"):
-        [ds[i] for i in range(len(ds))]
-    with pytest.raises(ValueError, match="dataset must be"):
-        data.get_dataset("cifar", "train", 16)
+def test_encode_cli_refuses_model_options(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    make_tokenizer_ckpt(ckpt)
+    with pytest.raises(ValueError, match="--levels: encode.py takes the model from the tokenizer checkpoint"):
+        run_script("encode.py", f"--ckpt={ckpt}", "--levels=7")
+    with pytest.raises(ValueError, match="'batch_size': expected a value in \\[1, inf\\), got 0"):
+        run_script("encode.py", f"--ckpt={ckpt}", "--batch_size=0")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        run_script("encode.py", f"--ckpt={tmp_path / 'nope.pt'}")
+
+
+# -----------------------------------------------------------------------------
+# train_tokenizer.py: bad options, run directories, checkpoints, exact resume
+
+
+def tiny_run_args(root, out_dir, *extra):
+    return ["--dataset=folder", f"--data_root={root}", "--image_size=16", "--channels=(8, 8, 8)",
+            "--code_dim=4", "--levels=2", "--codebook_size=16", "--batch_size=4", "--eval_interval=3",
+            "--log_interval=1", "--warmup_iters=2", "--restart_after=2", f"--out_dir={out_dir}", *extra]
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("--batch_size=0", "'batch_size': expected a value in \\[1, inf\\), got 0"),
+    ("--batch_size=-4", "'batch_size': expected a value in \\[1, inf\\), got -4"),
+    ("--eval_interval=0", "'eval_interval'"), ("--log_interval=0", "'log_interval'"),
+    ("--max_iters=0", "'max_iters'"), ("--eval_max=0", "'eval_max'"),
+    ("--util_window=0", "'util_window'"), ("--kmeans_batches=0", "'kmeans_batches'"),
+    ("--learning_rate=0", "'learning_rate': expected a value in \\(0, inf\\)"),
+    ("--weight_decay=-0.1", "'weight_decay'"), ("--warmup_iters=-1", "'warmup_iters'"),
+    ("--dataset=cifar", "'dataset': expected one of"), ("--init_from=latest", "'init_from'"),
+    ("--ema_decay=1.5", "ema_decay in \\[0, 1\\)"), ("--dtype=fp16", "dtype: expected"),
+])
+def test_train_tokenizer_bad_options(tmp_path, arg, msg):
+    make_image_folder(tmp_path)
+    with pytest.raises(ValueError, match=msg):
+        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "run", arg))
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+def test_train_tokenizer_run_dir_safety(tmp_path, capsys):
+    """Scratch refuses a used out_dir (nothing touched); leftover temp files of killed writers
+    are removed; resuming a finished run trains nothing; resume refuses another experiment."""
+    make_image_folder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt.tmp.999999999").write_bytes(b"half a checkpoint")   # a writer killed mid-save
+    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
+    assert not (run / "ckpt.pt.tmp.999999999").exists()
+    assert "removed" in capsys.readouterr().out
+    before = (run / "ckpt.pt").read_bytes(), (run / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds a run .*--init_from=resume"):
+        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
+    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--init_from=resume"))
+    assert "nothing to do" in capsys.readouterr().out
+    assert ((run / "ckpt.pt").read_bytes(), (run / "metrics.json").read_text()) == before
+    for arg, key in (("--seed=1", "seed"), ("--batch_size=2", "batch_size"), ("--levels=3", "levels")):
+        with pytest.raises(ValueError, match=f"incompatible .*'{key}'"):
+            run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6",
+                                                           "--init_from=resume", arg))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "none", "--init_from=resume"))
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CKPT))
+def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
+    make_image_folder(tmp_path)
+    path = _bad_checkpoints(tmp_path)[kind]
+    run = tmp_path / "run"
+    run.mkdir()
+    os.replace(path, run / "ckpt.pt")
+    with pytest.raises(ValueError, match=BAD_CKPT[kind]):
+        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--init_from=resume", "--max_iters=6"))
 
 
 @pytest.mark.slow  # three short training subprocesses: ~10 s on an idle 2-core machine
 def test_exact_resume(tmp_path):
-    _make_folder(tmp_path)
-    args = [sys.executable, os.path.join(ROOT, "tokenizer.py"), "--dataset=folder",
-            f"--data_root={tmp_path}", "--image_size=16", "--channels=(8, 8, 8)", "--code_dim=4",
-            "--levels=2", "--codebook_size=16", "--batch_size=4", "--eval_interval=3",
-            "--log_interval=1", "--random_flip=True", "--warmup_iters=2", "--restart_after=2"]
-    run = lambda *a: subprocess.run(args + list(a), capture_output=True, text=True, cwd=ROOT)  # noqa
-    for a in ([f"--out_dir={tmp_path}/full", "--max_iters=6"],
-              [f"--out_dir={tmp_path}/half", "--max_iters=3"],
-              [f"--out_dir={tmp_path}/half", "--max_iters=6", "--init_from=resume"]):
+    make_image_folder(tmp_path)
+    run = lambda out, *a: subprocess.run(  # noqa: E731
+        [sys.executable, os.path.join(ROOT, "train_tokenizer.py"),
+         *tiny_run_args(tmp_path, out, "--random_flip=True", *a)], capture_output=True, text=True, cwd=ROOT)
+    for a in ([tmp_path / "full", "--max_iters=6"], [tmp_path / "half", "--max_iters=3"],
+              [tmp_path / "half", "--max_iters=6", "--init_from=resume"]):
         p = run(*a)
         assert p.returncode == 0, p.stderr
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
@@ -292,6 +443,8 @@ def test_exact_resume(tmp_path):
     for k, v in full["model"].items():
         torch.testing.assert_close(half["model"][k], v, rtol=0, atol=0, msg=k)
     assert torch.equal(full["util_window"], half["util_window"])
+
+
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -317,3 +470,32 @@ def test_ddp_codebooks_stay_identical(tmp_path):
     assert r0["restarts"] > 0                   # the restart + broadcast path was exercised
     for k in ("books", "ema_count", "ema_sum", "unused"):
         assert torch.equal(r0[k], r1[k]), k
+
+
+@pytest.mark.slow  # two 2-process torchrun jobs: ~40 s on an idle 2-core machine
+def test_torchrun_train_and_encode_two_ranks(tmp_path):
+    """train_tokenizer.py and encode.py under torchrun (2 gloo ranks), with the image scan: ranks
+    agree on the dropped file, eval covers every val image once, and the 2-rank encoding equals
+    the 1-process one."""
+    make_image_folder(tmp_path)
+    (tmp_path / "val" / "b" / "broken.JPEG").write_bytes(b"not a jpeg")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    p = subprocess.run(torchrun + [os.path.join(ROOT, "train_tokenizer.py"),
+                                   *tiny_run_args(tmp_path, run, "--max_iters=3", "--scan_images=True")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "scan val: 1 unreadable image(s) skipped, 12 left" in p.stdout
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ck["iter"] == 3 and ck["world_size"] == 2 and ck["metrics"]["images"] == 12
+    p = subprocess.run(torchrun + [os.path.join(ROOT, "encode.py"), f"--ckpt={run / 'ckpt.pt'}",
+                                   "--split=val", f"--encode_dir={tmp_path / 'enc2'}", "--batch_size=5",
+                                   "--scan_images=True"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    encode_split(str(run / "ckpt.pt"), "val", str(tmp_path / "enc1"), batch_size=5, scan_images=True)
+    (m2, c2, z2, y2), (m1, c1, z1, y1) = (data.load_encoded(str(tmp_path / d)) for d in ("enc2", "enc1"))
+    assert len(c1) == 12 and np.array_equal(c1, c2) and np.array_equal(y1, y2)
+    np.testing.assert_allclose(z1.astype(np.float32), z2.astype(np.float32), atol=1e-3)
+    assert m1["tokenizer_fingerprint"] == m2["tokenizer_fingerprint"] == ck["fingerprint"]

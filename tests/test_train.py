@@ -1,4 +1,4 @@
-"""train.py tests on a tiny generated encoded dataset (written by tokenizer.py's own encode step):
+"""train.py tests on a tiny generated encoded dataset (written by encode.py, see helpers.py):
 the per-level fused training loss vs a naive float64 reference, 2-rank gloo DDP keeps ranks
 identical, exact resume, and clear errors for bad inputs. No MNIST, no network."""
 
@@ -18,36 +18,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
 from common import save_checkpoint  # noqa: E402
-
-NUM_CLASSES = 3
-
-
-def make_encoded(root, n_train=48, n_val=12, seed=0):
-    """A tiny tokenizer checkpoint (8x8 images, 4x4 grid, L=2, K=16, D=4) and its encoded
-    train / val splits, produced by tokenizer.encode_split. -> (train_dir, val_dir, tok_ckpt)."""
-    torch.manual_seed(seed)
-    cfg = tk.TokenizerConfig(in_channels=1, image_size=8, channels=(8, 8), downsample=2,
-                             num_res_blocks=1, code_dim=4, levels=2, codebook_size=16)
-    model = tk.Tokenizer(cfg)
-    model.quantizer.books.normal_()
-    ckpt = os.path.join(root, "tok.pt")
-    save_checkpoint({"model": model.state_dict(), "model_config": tk.asdict(cfg), "iter": 3,
-                     "config": {"dataset": "synthetic", "data_root": ""}}, ckpt)
-    saved = {k: getattr(tk, k) for k in ("ckpt", "split", "encode_dir", "batch_size")}
-    get_dataset = data.get_dataset
-    try:
-        for split, n in (("train", n_train), ("val", n_val)):
-            y = torch.arange(n) % NUM_CLASSES
-            x = (torch.rand(n, 1, 8, 8) * 0.5 + y.view(-1, 1, 1, 1) / NUM_CLASSES) * 2 - 1
-            data.get_dataset = lambda *a, **k: (torch.utils.data.TensorDataset(x, y), NUM_CLASSES, 1)
-            tk.ckpt, tk.split, tk.encode_dir, tk.batch_size = ckpt, split, os.path.join(root, split), 16
-            tk.encode_split()
-    finally:
-        data.get_dataset = get_dataset
-        for k, v in saved.items():
-            setattr(tk, k, v)
-    return os.path.join(root, "train"), os.path.join(root, "val"), ckpt
-
+from helpers import NUM_CLASSES, make_encoded  # noqa: E402
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
