@@ -42,7 +42,7 @@ class LeNet(nn.Module):
     """Three 3x3 conv + ReLU + 2x2 max-pool stages (32 -> 16 -> 8 -> 4), a 128-d ReLU layer (the
     features the Frechet distance uses), dropout, and the 10-way linear head."""
 
-    def __init__(self, widths=(32, 64, 128), feature_dim=FEATURE_DIM, dropout=0.3):
+    def __init__(self, widths=(16, 32, 64), feature_dim=FEATURE_DIM, dropout=0.3):
         super().__init__()
         layers, c = [], 1
         for w in widths:
