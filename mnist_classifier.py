@@ -188,10 +188,10 @@ def feature_stats(clf, images, batch_size=500):
 def frechet_lenet_distance(clf, images, reference, batch_size=500):
     """Frechet distance between the features of `images` and of `reference` (images, or the
     (mu, sigma) that feature_stats returned for them, to reuse across calls)."""
-    from fid import frechet_distance
-
     if len(images) < 2:
         raise ValueError(f"images: a covariance needs at least 2 samples, got {len(images)}")
+    from fid import frechet_distance
+
     ref = reference if isinstance(reference, (tuple, list)) else feature_stats(clf, reference, batch_size)
     return frechet_distance(*feature_stats(clf, images, batch_size), *ref)
 
