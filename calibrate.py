@@ -69,7 +69,11 @@ def calibrate_tau(latents, codebook, perplexity, metric="l2", rtol=1e-3, chunk_r
         raise ValueError(f"expected rtol > 0 and tau0 > 0, got {rtol} and {tau0}")
 
     def mean_ppl(tau):
-        return row_stats(latents, codebook, tau, metric, chunk_rows)[0].double().mean().item()
+        f = row_stats(latents, codebook, tau, metric, chunk_rows)[0].double().mean().item()
+        if not math.isfinite(f):  # fp32 target logits -d / tau overflow for a tiny tau
+            raise ValueError(f"perplexity {perplexity}: q is not finite at tau={tau:g} ({latents.dtype} "
+                             "latents); the target is not reached before the logits overflow")
+        return f
 
     def close(f):
         return abs(f / perplexity - 1) <= rtol
