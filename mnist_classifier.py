@@ -87,7 +87,7 @@ def predict(clf, images, batch_size=500):
                       for i in range(0, len(images), batch_size)])
 
 
-def train_classifier(epochs=15, batch_size=64, lr=2e-3, weight_decay=1e-4, max_shift=2, seed=0,
+def train_classifier(epochs=25, batch_size=64, lr=2e-3, weight_decay=1e-4, max_shift=2, seed=0,
                      log=print):
     """Train a LeNet on MNIST-5k train (AdamW, cosine decay, random shifts); -> (model, info)
     with info["val_accuracy"] measured on the 500 val digits, which training never sees."""
@@ -202,7 +202,7 @@ def frechet_lenet_distance(clf, images, reference, batch_size=500):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--out", default=os.path.dirname(DEFAULT_CKPT), help="where ckpt.pt goes")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even if out/ckpt.pt exists")
     a = p.parse_args(argv)
