@@ -119,7 +119,7 @@ def test_bad_inputs(tmp_path):
         mc.frechet_lenet_distance(clf, images(1), images(5))
 
 
-@pytest.mark.slow  # the real training run: ~1 min on 2 idle cores
+@pytest.mark.slow  # the real training run: 7.7 CPU-minutes
 def test_trained_classifier_reaches_97_percent_on_val(tmp_path):
     info = mc.main(["--out", str(tmp_path)])
     assert info["val_accuracy"] >= 0.97 and info["n_train"] == 4500 and info["n_val"] == 500

@@ -147,7 +147,7 @@ def test_argument_errors(tmp_path):
         study.parse(["--fid_weights", os.path.join(out, "missing.pt")])
 
 
-@pytest.mark.slow  # train.py and sample.py subprocesses: ~1 min on 2 idle cores, several when shared
+@pytest.mark.slow  # train.py and sample.py subprocesses: 271 s measured on 2 shared cores
 def test_study_end_to_end(tmp_path):
     """Tokenizer stage skipped (--tokenizer), 3 objectives x 1 seed, FID at steps 2 and 4,
     2 workers; then a second call finds everything done and changes nothing."""
