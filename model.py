@@ -34,7 +34,6 @@ Usage (a CPU smoke test; normally train.py / sample.py drive this file):
     GPT(GPTConfig(**dataclasses.asdict(cfg)))   # what checkpoints store: a plain dict
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -104,8 +103,9 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys/values of the slots seen so far, for AR sampling. Buffers are allocated on first
-    write, in the dtype the layers produce (so autocast just works): (B, n_head, max_len, hd)."""
+    """Keys/values of the slots seen so far, for AR sampling (one slot per model call). Buffers
+    are allocated on first write, in the dtype the layers produce (so autocast just works):
+    (B, n_head, max_len, hd)."""
 
     def __init__(self, n_layer, max_len):
         self.k = [None] * n_layer
@@ -141,18 +141,12 @@ class Attention(nn.Module):
         B, n, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        is_causal, attn_mask = self.causal, None
-        if cache is not None:
-            p = cache.pos
+        is_causal = self.causal
+        if cache is not None:  # AR sampling, one slot at a time: it sees every cached key
             k, v = cache.update(self.layer_idx, k, v)
-            if n == 1:  # one new query sees every cached key: no mask needed
-                is_causal = False
-            elif p > 0:  # n new queries after p cached ones: query i sees keys <= p + i
-                is_causal = False
-                attn_mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+            is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, n, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -312,9 +306,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        fused = dict(fused=True) if device_type == "cuda" else {}  # CPU keeps torch's default
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     # ---- input checks (cheap: one min/max per call; skipped while torch.compile traces) ----
 
@@ -461,8 +454,11 @@ class GPT(nn.Module):
                 raise ValueError("generate: expected labels (B,) or num_samples for unconditional")
             B = num_samples
         else:
-            B = labels.shape[0] if torch.is_tensor(labels) and labels.dim() >= 1 else 1
-            labels = labels.to(device) if torch.is_tensor(labels) else labels
+            if not torch.is_tensor(labels) or labels.dim() != 1:
+                raise ValueError(f"labels: expected a (B,) tensor of class ids (or None with num_samples), "
+                                 f"got {tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}")
+            B = labels.size(0)
+            labels = labels.to(device)
         labels = self._check_labels(labels, B, device)
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator: expected one on the model's device ({device.type}), "

@@ -1,5 +1,6 @@
 """
-Does SNCE beat CE? The paper's ImageNet claims (DESIGN.md section 2) re-measured at small scale:
+Does SNCE beat CE? The paper's ImageNet claims (faster convergence and better FID than CE; label
+smoothing does not help; a moderate tau is best) re-measured at small scale:
 MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K = 16,384 codes
 for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
 every objective. One command runs it all and writes the results table and plots:
@@ -25,7 +26,6 @@ Jobs run --workers at a time with cores / workers threads each.
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import runpy
@@ -36,6 +36,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from common import atomic_write_text, read_json, read_jsonl, resolve_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_CONFIG = os.path.join("config", "study", "tokenizer.py")
@@ -59,18 +61,8 @@ def run_dir(out, name, seed):
     return os.path.join(out, "runs", f"{slug}_s{seed}")
 
 
-def read_json(path):
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_jsonl(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_json_or_empty(path, what):
+    return read_json(path, what) if os.path.isfile(path) else {}
 
 
 def sh(args, log, threads):
@@ -88,7 +80,7 @@ def tokenizer_stage(out, threads):
     tok = os.path.join(out, "tokenizer")
     os.makedirs(tok, exist_ok=True)
     log = os.path.join(tok, "study.log")
-    done = read_json(os.path.join(tok, "metrics.json")).get("iter", 0)  # written at every eval
+    done = read_json_or_empty(os.path.join(tok, "metrics.json"), "tokenizer metrics").get("iter", 0)  # every eval
     if done < runpy.run_path(TOKENIZER_CONFIG)["max_iters"]:
         resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
         sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", f"--init_from={resume}"], log, threads)
@@ -183,7 +175,7 @@ def collect(out, objs, seeds, num_samples, cfg0, iters):
         runs = []
         for s in seeds:
             d = run_dir(out, name, s)
-            nll = {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
+            nll = val_nll(d)
             fid, best, cfg = {}, {}, {}
             for r in read_jsonl(os.path.join(d, "fid.jsonl")):
                 if r["num_samples"] != num_samples:
@@ -251,8 +243,7 @@ def report(a, objs, q_stats):
     if missing:
         intro += f" Incomplete (fewer finished seeds than asked): {', '.join(missing)}."
     table = intro + "\n\n" + "\n".join(lines) + "\n"
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(table)
+    atomic_write_text(os.path.join(a.out, "results.md"), table)
     print(table)
     plots(a, objs, rows)
     return table
@@ -292,7 +283,7 @@ def plots(a, objs, rows):
 
     snce = [(float(n.split("=")[1]), r) for n, r in rows.items() if n.startswith("SNCE")]
     snce.sort(key=lambda x: x[0])
-    toy = read_json(a.toy_metrics)
+    toy = read_json_or_empty(a.toy_metrics, "toy metrics")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     fid_label = "final FID, best cfg" if len(a.cfg) > 1 else f"final FID, cfg {a.cfg[0]:g}"
     for ax, key, label in ((axes[0], "best", fid_label), (axes[1], "nll", "final val NLL (nats)")):
@@ -343,22 +334,22 @@ def plots(a, objs, rows):
 
 
 def q_statistics(tok, taus, n=4096):
-    """Mean top-1 mass and perplexity exp(H(q)) of the SNCE target at each tau, on n training
-    latents: how soft each tau is for this codebook (comparable across tokenizers, unlike tau)."""
+    """Mean top-1 mass and perplexity exp(H(q)) of the SNCE target at each tau, on the first n
+    training latents of the encoded dir `tok`: how soft each tau is for this codebook
+    (comparable across tokenizers, unlike tau). -> {objective name: (top-1 mass, perplexity)}."""
     import torch
-    from snce import neighbor_probs
-    from common import resolve_path
+    from calibrate import q_stats
     from tokenizer import Tokenizer
 
-    meta = read_json(os.path.join(tok, "encoded_train", "meta.json"))
-    z = np.load(os.path.join(tok, "encoded_train", "latents.npy"), mmap_mode="r")
+    enc = os.path.join(tok, "encoded_train")
+    meta = read_json(os.path.join(enc, "meta.json"), "encoded meta")
+    z = np.load(os.path.join(enc, "latents.npy"), mmap_mode="r")
     z = torch.from_numpy(np.array(z[: -(-n // (z.shape[1] * z.shape[2]))])).float().reshape(-1, z.shape[-1])[:n]
-    book = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], os.path.join(tok, "encoded_train"))).codebooks[0].float()
+    book = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint")).codebooks[0]
     stats = {}
     for t in taus:
-        q = neighbor_probs(z, book, tau=t, metric=meta["metric"])
-        h = -(q * q.clamp_min(1e-30).log()).sum(-1)
-        stats[f"SNCE tau={t:g}"] = (q.max(-1).values.mean().item(), h.exp().mean().item())
+        q = q_stats(z, book.float(), t, meta["metric"])
+        stats[f"SNCE tau={t:g}"] = (q["top1_mass_mean"], q["perplexity_mean"])
     return stats
 
 

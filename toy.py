@@ -23,7 +23,6 @@ Metrics, per seed, on 10,000 fresh ground-truth samples:
 """
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from common import write_json
 from snce import snce_loss
 
 CENTERS = torch.tensor([[-1.2, -1.2], [1.2, 1.2]], dtype=torch.float64)
@@ -129,6 +129,8 @@ def _job(args):
 
 
 def evaluate(logp, P, eval_tokens):
+    """logp (K,) the model's log-probabilities, P (K,) the true cell probabilities, eval_tokens
+    (n,) cells of fresh samples -> {"nll": mean -log p(cell), "tv": 0.5 * sum_k |p_k - P_k|}."""
     return {"nll": -logp[eval_tokens].mean().item(),
             "tv": 0.5 * (logp.exp() - P).abs().sum().item()}
 
@@ -229,7 +231,7 @@ def table(m, truth, taus):
     return "\n".join(rows)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tau", type=float, nargs="+", default=[0.1],
@@ -239,7 +241,7 @@ def main():
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes running the independent fits in parallel")
     p.add_argument("--out_dir", default="assets", help="where toy.png, toy_metrics.json go")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.workers < 1 or any(t <= 0 for t in args.tau):
         p.error(f"need --seeds, --steps, --workers >= 1 and every --tau > 0, got {args.seeds}, "
                 f"{args.steps}, {args.workers} and {args.tau}")
@@ -261,9 +263,7 @@ def main():
         tau_figure(m, truth, tau_fig)
         print(f"wrote {tau_fig}")
     json_path = os.path.join(args.out_dir, "toy_metrics.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
+    write_json(json_path, out)
     print(f"wrote {fig_path} and {json_path} in {time.time() - t0:.0f} s")
 
 

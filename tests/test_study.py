@@ -3,6 +3,7 @@ hand-made run logs, argument errors, and the whole driver end to end on a tiny e
 with a fake Inception (train.py and sample.py run as subprocesses, as in a real study)."""
 
 import json
+import math
 import os
 import sys
 
@@ -15,6 +16,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sample  # noqa: E402
+from common import read_jsonl  # noqa: E402
 import study  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
 from helpers import make_encoded  # noqa: E402
@@ -107,6 +109,32 @@ def test_mean_curve_and_steps_to():
     assert study.steps_to(its, m, 3.0) == 50 and study.steps_to(its, m, 2.9) is None
 
 
+def test_q_statistics_match_naive_rows(tmp_path):
+    """Top-1 mass and perplexity of q on the first n training latents, against a per-row float64
+    computation of Eq. 5 from the tokenizer's first codebook (l2, as the encoded meta says)."""
+    from common import read_json
+    from tokenizer import Tokenizer
+
+    train_dir, _, ckpt = make_encoded(str(tmp_path))
+    tok = os.path.join(str(tmp_path), "tok")
+    os.makedirs(tok)
+    os.rename(train_dir, os.path.join(tok, "encoded_train"))
+    assert read_json(os.path.join(tok, "encoded_train", "meta.json"))["metric"] == "l2"
+    z = np.load(os.path.join(tok, "encoded_train", "latents.npy"))
+    z = torch.from_numpy(z.reshape(-1, z.shape[-1])).double()[:50]  # latents in file order, first 50
+    book = Tokenizer.from_checkpoint(ckpt).codebooks[0].double()
+    got = study.q_statistics(tok, [0.05, 0.5], n=50)
+    for tau in (0.05, 0.5):
+        top1, ppl = [], []
+        for row in z:
+            d = ((row - book) ** 2).sum(-1)
+            q = torch.exp(-(d - d.min()) / tau)
+            q /= q.sum()
+            top1.append(q[d.argmin()].item())
+            ppl.append(math.exp(-sum(p * math.log(p) for p in q.tolist() if p > 0)))
+        assert got[f"SNCE tau={tau:g}"] == pytest.approx((sum(top1) / 50, sum(ppl) / 50), rel=1e-4)
+
+
 def test_argument_errors(tmp_path):
     out = str(tmp_path)
     with pytest.raises(SystemExit, match="no finished CE runs"):
@@ -119,6 +147,7 @@ def test_argument_errors(tmp_path):
         study.parse(["--fid_weights", os.path.join(out, "missing.pt")])
 
 
+@pytest.mark.slow  # train.py and sample.py subprocesses: 271 s measured on 2 shared cores
 def test_study_end_to_end(tmp_path):
     """Tokenizer stage skipped (--tokenizer), 3 objectives x 1 seed, FID at steps 2 and 4,
     2 workers; then a second call finds everything done and changes nothing."""
@@ -151,10 +180,10 @@ def test_study_end_to_end(tmp_path):
     logs = {}
     for name in names:
         d = study.run_dir(out, name, 0)
-        fids = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+        fids = read_jsonl(os.path.join(d, "fid.jsonl"))
         assert [(r["iter"], r["cfg_scale"], r["num_samples"]) for r in fids] == [(2, 1.5, 6), (4, 1.5, 6)]
         assert all(np.isfinite(r["fid"]) and r["fid"] >= 0 for r in fids)
-        evals = [r["iter"] for r in study.read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
+        evals = [r["iter"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
         assert evals == [0, 2, 4]  # the resumed segment does not re-evaluate step 2
         assert not [f for f in os.listdir(d) if f.endswith(".npz")]
         logs[name] = open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read()
@@ -169,11 +198,11 @@ def test_study_end_to_end(tmp_path):
     # a FID step missing from a run already past it (the step joined --fid_at later): a replay from
     # scratch to that step gives the same weights (checked on the val NLL) and the FID there
     d = study.run_dir(out, "SNCE tau=0.5", 0)
-    fids = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+    fids = read_jsonl(os.path.join(d, "fid.jsonl"))
     with open(os.path.join(d, "fid.jsonl"), "w") as f:
         f.write(json.dumps(fids[1]) + "\n")
     study.main(args)
-    again = study.read_jsonl(os.path.join(d, "fid.jsonl"))
+    again = read_jsonl(os.path.join(d, "fid.jsonl"))
     assert [(r["iter"], r["cfg_scale"]) for r in again] == [(4, 1.5), (2, 1.5)]
     assert again[1]["fid"] == pytest.approx(fids[0]["fid"], rel=1e-6)  # same weights, same sampling seed
     assert not [f for f in os.listdir(d) if f.startswith("replay")]

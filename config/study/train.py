@@ -1,4 +1,4 @@
-# Issue 5 study generator (study.py sets loss / tau / label_smoothing / seed / out_dir per run):
+# The study's generator (study.py sets loss / tau / label_smoothing / seed / out_dir per run):
 # the AR "mini" transformer (4 layers, 128 wide) over config/study/tokenizer.py's codes
 # (T = 64 tokens, one level of K = 16,384), the same model, data, steps and seeds for every loss.
 #   python train.py config/study/train.py --loss=snce --tau=0.01 --out_dir=out/study/runs/x
