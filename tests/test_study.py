@@ -119,6 +119,8 @@ def test_q_statistics_match_naive_rows(tmp_path):
     tok = os.path.join(str(tmp_path), "tok")
     os.makedirs(tok)
     os.rename(train_dir, os.path.join(tok, "encoded_train"))
+    os.rename(ckpt, os.path.join(tok, "tok.pt"))  # meta.json stores it relative to the encoding
+    ckpt = os.path.join(tok, "tok.pt")
     assert read_json(os.path.join(tok, "encoded_train", "meta.json"))["metric"] == "l2"
     z = np.load(os.path.join(tok, "encoded_train", "latents.npy"))
     z = torch.from_numpy(z.reshape(-1, z.shape[-1])).double()[:50]  # latents in file order, first 50
