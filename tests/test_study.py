@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import sample  # noqa: E402
+import fid as sample  # noqa: E402
 import study  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
 from test_train import make_encoded  # noqa: E402
