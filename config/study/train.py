@@ -1,4 +1,4 @@
-# Issue 5 study generator (study.py sets loss / tau / label_smoothing / seed / out_dir per run):
+# The study's generator (study.py sets loss / tau / label_smoothing / seed / out_dir per run):
 # the AR "mini" transformer (4 layers, 128 wide) over config/study/tokenizer.py's codes
 # (T = 64 tokens, one level of K = 16,384), the same model, data, steps and seeds for every loss.
 #   python train.py config/study/train.py --loss=snce --tau=0.01 --out_dir=out/study/runs/x
@@ -6,7 +6,7 @@ data_dir = "out/study/tokenizer/encoded_train"
 val_dir = "out/study/tokenizer/encoded_val"
 model_size = "mini"
 mode = "ar"
-tau_scale = "none"         # one level: tau in the tokenizer's own units, as in the paper
+# tau_scale stays "none" (the default): one level, tau in the tokenizer's own units as in the paper
 batch_size = 32            # 32 x 64 = 2,048 tokens per step; 4,500 images = 140 steps per epoch
 max_iters = 400            # ~2.8 epochs
 learning_rate = 2e-3
