@@ -33,10 +33,13 @@ epoch, rank, position) (common.batch_indices), so no RNG state is saved. The tok
 identified by a hash of its weights (meta.json's tokenizer_fingerprint, stored in ckpt.pt too),
 and its path is stored relative to out_dir, so a run directory can be moved.
 
-Step-time split: every log line and log record carries ms per step spent in data loading,
-the transformer forward, the loss forward, the backward (model + loss, DDP's all-reduce
-included) and the optimizer (clip, AdamW, EMA). On CUDA the split is measured on the logged
-steps only (it synchronizes the device between phases); on the CPU on every step.
+Step-time split: every log line and log record (ms_data, ms_forward, ms_loss, ms_backward,
+ms_optimizer, beside ms_per_iter) carries ms per step spent in data loading, the transformer
+forward, the loss, the backward and the optimizer (clip, AdamW, EMA). The fused loss computes
+its gradients chunk by chunk in its forward (snce.fused_linear_snce), so "loss" is the loss's
+whole cost and "backward" is the transformer's (DDP's all-reduce included). On CUDA the split
+is measured on the logged steps only (it synchronizes the device between phases); on the CPU
+on every step. Evals are not counted.
 """
 
 import copy
@@ -334,9 +337,9 @@ def level_losses(hidden, codes, res, mask, kind=loss):
 
 
 def hidden_states(net, codes, labels, mask):
-    """The transformer's last hidden states (B, T, H) under autocast. Autocast covers only the
-    model: the fused loss runs outside it, so `.to(ptdtype)` is what makes its (rows x K) matmuls
-    run in bf16 on CUDA (its softmax statistics stay fp32 inside); a no-op in fp32."""
+    """The transformer's last hidden states (B, T, H) under autocast. The fused loss turns
+    autocast off and runs its (rows x K) matmuls in the dtype of `hidden`, so `.to(ptdtype)` is
+    what makes them bf16 on CUDA (its softmax statistics stay fp32 inside); a no-op in fp32."""
     with autocast:
         return net(codes, labels, mask, return_hidden=True).to(ptdtype)
 
