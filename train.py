@@ -258,7 +258,8 @@ if init_from == "resume":
         raise ValueError(f"{ckpt_path} is not a train.py checkpoint (missing {missing})")
     if mode == "ar":  # ar never masks: keep the checkpoint's mask_schedule whatever is set now
         model_args["mask_schedule"] = ck["model_args"].get("mask_schedule", mask_schedule)
-    saved_id = ck.get("data_id") or {k: ck["meta"].get(k) for k in same}  # older checkpoints
+    # older checkpoints: compare the meta keys they have (a re-encoding may add "classes")
+    saved_id = ck.get("data_id") or {k: ck["meta"][k] for k in same if k in ck["meta"]}
     diff = config_diff(ck["model_args"], asdict(GPTConfig(**model_args)), ck["model_args"])
     diff.update(config_diff(saved_id, data_id, saved_id))
     check_resume(ckpt_path, diff)

@@ -259,6 +259,20 @@ def test_resume_rules(enc, tmp_path, capsys):
     assert weights(out)["model_args"]["mask_schedule"] == "cosine"
 
 
+def test_resume_of_an_older_checkpoint(enc, tmp_path, capsys):
+    """Checkpoints written before the stored schedule / fingerprint / data_id still resume: the
+    data is compared on the meta keys they have, the cosine length is rebuilt from their config."""
+    out = str(tmp_path / "r")
+    run_train(base_args(enc, out, max_iters=1, lr_decay_iters=3))
+    ck = weights(out)
+    for key in ("data_id", "tokenizer_fingerprint", "lr_decay_iters"):
+        del ck[key]
+    ck["tokenizer_ckpt"] = os.path.abspath(enc[2])
+    save_checkpoint(ck, os.path.join(out, "ckpt.pt"))
+    g = run_train(base_args(enc, out, max_iters=2, init_from="resume"))
+    assert g["decay_iters"] == 3 and weights(out)["data_id"]["tokenizer_fingerprint"] == g["tok_fp"]
+
+
 def test_resume_refuses_incompatible(enc, tmp_path):
     out = str(tmp_path / "r")
     run_train(base_args(enc, out, max_iters=1, mode="maskgit"))
