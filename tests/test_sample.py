@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -139,7 +140,7 @@ def test_tokenizer_must_be_the_trained_one(trained, tmp_path):
     cfg = tk.TokenizerConfig(in_channels=1, image_size=8, channels=(8, 8), downsample=2,
                              num_res_blocks=1, code_dim=4, levels=1, codebook_size=16)
     one_level = str(tmp_path / "l1.pt")
-    save_checkpoint({**ck, "model": tk.Tokenizer(cfg).state_dict(), "model_config": tk.asdict(cfg)}, one_level)
+    save_checkpoint({**ck, "model": tk.Tokenizer(cfg).state_dict(), "model_config": asdict(cfg)}, one_level)
     with pytest.raises(ValueError, match=r"\(K=16 L=1 grid 4\) does not fit the generator .*L=2"):
         run_sample([f"--ckpt={out}/ckpt.pt", f"--tokenizer_ckpt={one_level}"])
 

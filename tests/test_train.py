@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -464,7 +465,7 @@ def test_tokenizer_and_split_identity(enc, tmp_path):
     cfg = tk.TokenizerConfig(in_channels=1, image_size=8, channels=(8, 8), downsample=2,
                              num_res_blocks=1, code_dim=4, levels=2, codebook_size=32)
     big = os.path.join(root, "k32.pt")
-    save_checkpoint({"model": tk.Tokenizer(cfg).state_dict(), "model_config": tk.asdict(cfg), "iter": 1,
+    save_checkpoint({"model": tk.Tokenizer(cfg).state_dict(), "model_config": asdict(cfg), "iter": 1,
                      "config": {"dataset": "synthetic", "data_root": ""}}, big)
     with pytest.raises(ValueError, match=rf"tokenizer {big} vs {tr}/meta.json.*K=32.*K=16"):
         run_train(base_args((tr, va, tok), os.path.join(root, "o4"), max_iters=0, tokenizer_ckpt=big))
