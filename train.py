@@ -1,34 +1,51 @@
 """
 Train the class-conditional generator (model.py) on tokenizer codes with CE, SNCE or label
-smoothing. Reads the memmaps + meta.json that `python tokenizer.py --mode=encode` wrote.
+smoothing. Reads the memmaps + meta.json of an encoded split (codes (N, h, w, L), latents
+(N, h, w, D) float16, labels (N,); format in data.py), one for training and one held out.
 
     python train.py config/train_mnist.py                          # one process, CPU
     python train.py config/train_mnist.py --loss=ce --out_dir=out/train_mnist_ce
-    python train.py config/train_mnist.py --init_from=resume --max_iters=3000
+    python train.py config/train_mnist.py --init_from=resume       # continue a killed run exactly
+    python train.py config/train_mnist.py --init_from=resume --max_iters=3000 --lr_decay_iters=3000
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py
     # multi-node (on each of 4 nodes; NODE = 0..3, HOST = node 0's address):
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
         --nproc_per_node=8 train.py config/imagenet_ibqb.py
 
-Loss (DESIGN.md section 2): `ce` = hard CE on the stored codes; `ls` = (1 - eps) one-hot + eps/K
-(paper Appendix 7.2); `snce` = q(k | r_l) = softmax_k(-d(r_l, C_l[k]) / tau) (Eq. 5, 7-8), where
-r_l is the RQ residual level l quantized, rebuilt from the stored latents z and codes (a gather
-and an exclusive cumulative sum, tokenizer.residuals_from; no re-encoding). Every loss goes
-through snce.fused_linear_snce, so (tokens x K) logits are never materialized.
+Objectives (`--loss`; paper: "Geometry-Aware Supervision for Scalable Discrete Image
+Generation"). Each token is a class over the K codes of its RQ level; per level l:
+  ce    hard CE on the stored code t_l: -log p(t_l)
+  ls    label smoothing: targets (1 - eps) one-hot + eps / K (the paper's Appendix 7.2 baseline)
+  snce  soft targets q(k | r_l) = softmax_k(-d(r_l, C_l[k]) / tau) (Eq. 5), loss
+        -sum_k q(k) log p(k) (Eq. 7-8), where r_l = z - sum_{j<l} C_j[t_j] is the residual level
+        l quantized, rebuilt from the stored latents z and codes (tokenizer.residuals_from: a
+        gather and an exclusive cumulative sum; no re-encoding), d the tokenizer's metric.
+Every objective goes through snce.fused_linear_snce, so (tokens x K) logits never exist. The
+logged objective is the token mean over levels; the eval also logs the held-out hard-label NLL
+(the same number whatever the objective, so runs compare).
 
-Randomness: the global RNG is reseeded from (seed, step, rank) at every step and the data order
-is a function of (seed, epoch, rank, position), so `init_from=resume` continues bit-exactly
-(same world size and batch) with no RNG state to save. Logs: one line per step on the master,
-{out_dir}/log.jsonl for plots (tools: `python -c "import json; ..."` or pandas.read_json(lines=True)).
+Run directory (out_dir): ckpt.pt (written atomically at every eval, iteration 0 included),
+log.jsonl (one JSON record per logged step or eval; pandas.read_json(path, lines=True)) and
+samples_<iter>.png grids. A scratch run refuses a directory that already holds a run. A resume
+cuts log.jsonl back to the checkpoint (atomically) and continues bit-exactly: the global RNG is
+reseeded from (seed, step, rank) at every step and the data order is a function of (seed,
+epoch, rank, position) (common.batch_indices), so no RNG state is saved. The tokenizer is
+identified by a hash of its weights (meta.json's tokenizer_fingerprint, stored in ckpt.pt too),
+and its path is stored relative to out_dir, so a run directory can be moved.
+
+Step-time split: every log line and log record (ms_data, ms_forward, ms_loss, ms_backward,
+ms_optimizer, beside ms_per_iter) carries ms per step spent in data loading, the transformer
+forward, the loss, the backward and the optimizer (clip, AdamW, EMA). The fused loss computes
+its gradients chunk by chunk in its forward (snce.fused_linear_snce), so "loss" is the loss's
+whole cost and "backward" is the transformer's (DDP's all-reduce included). On CUDA the split
+is measured on the logged steps only (it synchronizes the device between phases); on the CPU
+on every step. Evals are not counted.
 """
 
 import copy
-import json
-import math
 import os
 import resource
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -37,15 +54,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from common import configure, init_distributed, load_checkpoint, resolve_path, save_checkpoint
-from model import GPT, MODELS, GPTConfig
-from snce import dissimilarity, fused_linear_snce
-from tokenizer import ResidualQuantizer, Tokenizer, TokenizerConfig, residuals_from
+from common import (append_jsonl, batch_indices, check_choice, check_range, check_resume,
+                    config_diff, configure, fingerprint, init_distributed, lr_at, load_checkpoint,
+                    portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
+                    save_checkpoint, setup_device, step_seed, warn_ignored)
+from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
+from snce import METRICS, dissimilarity, fused_linear_snce
+from tokenizer import Tokenizer, residuals_from
 
 # -----------------------------------------------------------------------------
 # config (defaults: a small CPU run on MNIST-5k; config/*.py set real runs)
 out_dir = "out/train"
-data_dir = "out/tokenizer_mnist/encoded_train"  # tokenizer.py --mode=encode output (training)
+data_dir = "out/tokenizer_mnist/encoded_train"  # encoded training split
 val_dir = "out/tokenizer_mnist/encoded_val"      # held-out split, same tokenizer
 tokenizer_ckpt = ""          # default: the one named in data_dir/meta.json
 init_from = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
@@ -56,7 +76,7 @@ class_dropout = 0.1          # label -> null class, for classifier-free guidance
 dropout = 0.0
 bias = False
 mask_schedule = "cosine"     # maskgit only
-# loss
+# objective
 loss = "snce"                # ce | snce | ls
 tau = 1.0                    # SNCE temperature (Eq. 5); the paper's best on ImageNet is 1.0
 tau_scale = "none"           # none: tau as is (the paper: one level); gap: level l uses tau times
@@ -68,7 +88,7 @@ label_smoothing = 0.1        # eps of loss=ls
 batch_size = 64              # per rank, per micro-step
 gradient_accumulation_steps = 1  # global: divided by the world size
 max_iters = 2000
-lr_decay_iters = 0           # cosine length; 0 = max_iters (set it to stop early and resume)
+lr_decay_iters = 0           # cosine length; 0 = max_iters. Stored in ckpt.pt: a resume keeps it
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100
@@ -95,84 +115,104 @@ seed = 1337
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
+# ---- config checks: bad values are errors, options this run ignores are warnings ----
+check_choice(config, "loss", ("ce", "snce", "ls"))
+check_choice(config, "init_from", ("scratch", "resume"))
+check_choice(config, "model_size", tuple(MODELS))
+check_choice(config, "mode", MODES)
+check_choice(config, "mask_schedule", MASK_SCHEDULES)
+check_choice(config, "tau_scale", ("none", "gap"))
+check_choice(config, "metric", ("",) + METRICS)
+for key, lo, hi, lo_open, hi_open in (
+        ("batch_size", 1, None, False, False), ("gradient_accumulation_steps", 1, None, False, False),
+        ("max_iters", 0, None, False, False), ("lr_decay_iters", 0, None, False, False),
+        ("warmup_iters", 0, None, False, False), ("learning_rate", 0, None, True, False),
+        ("min_lr", 0, None, False, False), ("weight_decay", 0, None, False, False),
+        ("beta1", 0, 1, False, True), ("beta2", 0, 1, False, True), ("grad_clip", 0, None, False, False),
+        ("ema_decay", 0, 1, False, True), ("eval_interval", 1, None, False, False),
+        ("eval_iters", 0, None, False, False), ("log_interval", 1, None, False, False),
+        ("grid_per_class", 1, None, False, False), ("grid_top_k", 0, None, False, False),
+        ("grid_steps", 1, None, False, False), ("grid_temperature", 0, None, True, False),
+        ("grid_cfg_scale", 0, None, False, False), ("tau", 0, None, True, False),
+        ("label_smoothing", 0, 1, False, True), ("class_dropout", 0, 1, False, False),
+        ("dropout", 0, 1, False, True)):
+    check_range(config, key, lo, hi, lo_open, hi_open)
+if loss == "ce":
+    warn_ignored(config, _explicit, ("tau", "tau_scale", "metric", "label_smoothing"),  # noqa: F821
+                 "loss=ce trains on the stored codes (hard labels)")
+elif loss == "ls":
+    warn_ignored(config, _explicit, ("tau", "tau_scale", "metric"),  # noqa: F821
+                 "loss=ls smooths the stored codes uniformly (label_smoothing is its eps)")
+else:
+    warn_ignored(config, _explicit, ("label_smoothing",), "loss=snce takes soft targets from tau")  # noqa: F821
+if mode == "ar":
+    warn_ignored(config, _explicit, ("mask_schedule", "grid_steps"), "mode=ar never masks")  # noqa: F821
+
 ddp, rank, local_rank, world_size, device = init_distributed(device)
 master = rank == 0
-device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+device_type, ptdtype, autocast = setup_device(device, dtype)
 if gradient_accumulation_steps % world_size:
     raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a "
                      f"multiple of the world size {world_size}")
 accum = gradient_accumulation_steps // world_size
-for key, allowed in (("loss", ("ce", "snce", "ls")), ("init_from", ("scratch", "resume")),
-                     ("model_size", tuple(MODELS)), ("tau_scale", ("none", "gap")), ("dtype", ("bfloat16", "float32"))):
-    if config[key] not in allowed:
-        raise ValueError(f"{key} must be one of {allowed}, got {config[key]!r}")
-ptdtype = torch.bfloat16 if device_type == "cuda" and dtype == "bfloat16" else torch.float32
-autocast = torch.autocast(device_type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-lr_decay_iters = lr_decay_iters or max_iters
+ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
+if master:  # first, before any work: never train into (and later overwrite) another run
+    prepare_run_dir(out_dir, init_from)
 
-# ---- data: memmaps + meta.json from the tokenizer's encode step ----
+# ---- data: the encoded splits, checked against each other and against the tokenizer ----
 meta, codes_mm, latents_mm, labels_mm = data.load_encoded(data_dir)
 val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.load_encoded(val_dir)
-same = ("tokenizer_fingerprint", "tokenizer_iter", "codebook_size", "levels", "code_dim", "metric")
-if any(meta.get(k) != val_meta.get(k) for k in same) or codes_mm.shape[1:] != vcodes_mm.shape[1:]:
-    raise ValueError(f"{data_dir} and {val_dir} were encoded differently: "
-                     f"{ {k: (meta.get(k), val_meta.get(k)) for k in same} }")
+
+
+def tokenizer_id(m, encode_dir):
+    """Which tokenizer encoded a split: the hash of its weights (meta 'tokenizer_fingerprint');
+    encodings that predate it only name a checkpoint path and iteration."""
+    if "tokenizer_fingerprint" in m:
+        return m["tokenizer_fingerprint"]
+    return os.path.normpath(os.path.join(encode_dir, m.get("tokenizer_ckpt", ""))), m.get("tokenizer_iter")
+
+
+same = ("codebook_size", "levels", "code_dim", "metric", "num_classes", "classes")
+split_diff = config_diff(meta, val_meta, same)
+if tokenizer_id(meta, data_dir) != tokenizer_id(val_meta, val_dir):
+    split_diff["tokenizer"] = (tokenizer_id(meta, data_dir), tokenizer_id(val_meta, val_dir))
+if split_diff or codes_mm.shape[1:] != vcodes_mm.shape[1:]:
+    raise ValueError(f"{data_dir} and {val_dir} were encoded differently (train, val): {split_diff}"
+                     f"{'' if split_diff else f', codes {codes_mm.shape[1:]} vs {vcodes_mm.shape[1:]}'}. "
+                     "Encode both splits with the same tokenizer checkpoint and dataset")
 N, grid_h, grid_w, L = codes_mm.shape
-K, num_classes = meta["codebook_size"], meta["num_classes"]
+K, D, num_classes = meta["codebook_size"], meta["code_dim"], meta["num_classes"]
 metric = metric or meta["metric"]
 for name, c, y in (("train", codes_mm, labels_mm), ("val", vcodes_mm, vlabels_mm)):
     c_max = max(int(c[i:i + 65536].max()) for i in range(0, len(c), 65536))  # chunks: bounded memory
     if c_max >= K or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
         raise ValueError(f"{name} data: expected codes in [0, {K}) and labels in [0, {num_classes}) "
                          f"(meta.json), got max code {c_max}, labels in [{y.min()}, {y.max()}]")
-per_rank = N // world_size
-batches_per_epoch = per_rank // batch_size
-if batches_per_epoch == 0:
-    raise ValueError(f"{N} training images are too few for batch_size={batch_size} x {world_size} ranks")
+if any(not 0 <= c < num_classes for c in grid_classes):
+    raise ValueError(f"grid_classes: expected class ids in [0, {num_classes}), got {grid_classes}")
+batch_indices(N, seed, 0, rank, world_size, batch_size)  # raises if N can't fill one batch per rank
 
-
-def load_codebooks(path):
-    """(L, K, D) codebooks from a tokenizer checkpoint, building only the quantizer (the
-    encoder/decoder are not needed for targets). Checked against the encoding: the codes the
-    memmap holds must be what these codebooks give for the stored latents."""
-    ck = load_checkpoint(path)
-    if ck.get("iter") != meta.get("tokenizer_iter"):
-        raise ValueError(f"tokenizer {path} is at iter {ck.get('iter')} but {data_dir} was encoded "
-                         f"at iter {meta.get('tokenizer_iter')}: re-encode, or point tokenizer_ckpt at "
-                         "the checkpoint that encoded it")
-    rq = ResidualQuantizer(TokenizerConfig(**ck["model_config"]))
-    rq.load_state_dict({k[len("quantizer."):]: v for k, v in ck["model"].items() if k.startswith("quantizer.")})
-    books = rq.codebooks.float()
-    if tuple(books.shape) != (L, K, meta["code_dim"]):
-        raise ValueError(f"tokenizer {path} has codebooks {tuple(books.shape)}, data expects "
-                         f"{(L, K, meta['code_dim'])}")
-    n = min(64, N)  # encode quantized the float16 latents, so the codes must come out the same
-    z = torch.from_numpy(np.array(latents_mm[:n])).float().reshape(-1, books.shape[-1])
-    agree = (rq.quantize(z)[0] == torch.from_numpy(np.asarray(codes_mm[:n]).astype(np.int64)).reshape(-1, L)).float().mean()
-    if agree < 0.99:
-        raise ValueError(f"codebooks of {path} reproduce only {agree:.1%} of the stored codes in "
-                         f"{data_dir}: wrong tokenizer checkpoint?")
-    return books
-
-
-tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir, "tokenizer checkpoint")
-codebooks = load_codebooks(tok_path).to(device) if loss == "snce" else None  # (L, K, D)
-
-_perms = {}
-
-
-def train_indices(micro):
-    """Rows of micro-batch number `micro` (counted over the whole run) for this rank: epoch e is
-    a permutation seeded by (seed, e), split into contiguous per-rank shards. Stateless, so the
-    data position is just the step and resume is exact."""
-    epoch, pos = divmod(micro, batches_per_epoch)
-    if epoch not in _perms:
-        _perms.clear()
-        _perms[epoch] = torch.randperm(N, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-    idx = _perms[epoch][rank * per_rank + pos * batch_size:][:batch_size]
-    return np.sort(idx)  # sorted: sequential memmap reads; order within a batch is irrelevant
+# ---- the tokenizer: its codebooks give SNCE's targets, its decoder the sample grids ----
+tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir,
+                                          f"tokenizer checkpoint named in {data_dir}/meta.json")
+tok = Tokenizer.from_checkpoint(tok_path, device).requires_grad_(False)
+tok_fp = fingerprint(tok.state_dict())
+tc, where = tok.config, f"tokenizer {tok_path} vs {data_dir}/meta.json"
+if (tc.codebook_size, tc.levels, tc.code_dim, tok.grid, tok.grid) != (K, L, D, grid_h, grid_w):
+    raise ValueError(f"{where}: the tokenizer has K={tc.codebook_size} L={tc.levels} D={tc.code_dim} "
+                     f"grid {tok.grid}x{tok.grid}, the data K={K} L={L} D={D} grid {grid_h}x{grid_w}: "
+                     "point --tokenizer_ckpt at the tokenizer that encoded the data")
+if meta.get("tokenizer_fingerprint", tok_fp) != tok_fp:
+    raise ValueError(f"{where}: the data was encoded by another tokenizer (fingerprint "
+                     f"{meta['tokenizer_fingerprint']}, this one's {tok_fp}): re-encode, or point "
+                     "--tokenizer_ckpt at the tokenizer that encoded it")
+n_check = min(64, N)  # encode quantized the float16 latents, so these codebooks must give the codes
+z_check = torch.from_numpy(np.array(latents_mm[:n_check])).float().to(device)
+agree = (tok.quantize(z_check).cpu() == torch.from_numpy(np.asarray(codes_mm[:n_check]).astype(np.int64))).float().mean()
+if agree < 0.99:
+    raise ValueError(f"{where}: the tokenizer's codebooks reproduce only {agree:.1%} of the stored "
+                     "codes: wrong tokenizer checkpoint?")
+codebooks = tok.codebooks.detach().float() if loss == "snce" else None  # (L, K, D)
 
 
 def get_batch(codes_src, latents_src, labels_src, idx):
@@ -182,7 +222,7 @@ def get_batch(codes_src, latents_src, labels_src, idx):
     res = None
     if loss == "snce":  # r_l = z - sum_{j<l} C_j[t_j], token order (h, w, L) like the model's
         z = torch.from_numpy(latents_src[idx]).to(device, non_blocking=True)
-        res = residuals_from(z, codes, codebooks).reshape(len(idx), -1, codebooks.shape[-1])
+        res = residuals_from(z, codes, codebooks).reshape(len(idx), -1, D)
     return codes, res, labels
 
 
@@ -193,7 +233,7 @@ def level_taus(n_rows=2048, chunk=256):
     if loss != "snce" or tau_scale == "none":
         return [float(tau)] * L
     _, res, _ = get_batch(codes_mm, latents_mm, labels_mm, np.arange(min(N, -(-n_rows // (grid_h * grid_w)))))
-    res = res.view(-1, L, res.shape[-1])
+    res = res.view(-1, L, D)
     gaps = []
     for l in range(L):
         top2 = torch.cat([dissimilarity(r, codebooks[l], metric).topk(2, largest=False).values
@@ -204,52 +244,71 @@ def level_taus(n_rows=2048, chunk=256):
 
 taus = level_taus()
 
-# ---- model ----
+# ---- model, optimizer, and the checkpoint we continue from ----
 model_args = dict(mode=mode, vocab_size=K, levels=L, grid_h=grid_h, grid_w=grid_w,
                   num_classes=num_classes, class_dropout=class_dropout, dropout=dropout, bias=bias,
                   mask_schedule=mask_schedule, **MODELS[model_size])
+data_id = {"tokenizer_fingerprint": tok_fp, **{k: meta.get(k) for k in same}}  # what the run learns
+iter_num, decay_iters, eval_logged = 0, lr_decay_iters or max_iters, False
+ck = None
+if init_from == "resume":
+    ck = load_checkpoint(ckpt_path, map_location=device, what="generator checkpoint")
+    missing = [k for k in ("model", "optimizer", "iter", "model_args", "meta", "config") if k not in ck]
+    if missing:
+        raise ValueError(f"{ckpt_path} is not a train.py checkpoint (missing {missing})")
+    if mode == "ar":  # ar never masks: keep the checkpoint's mask_schedule whatever is set now
+        model_args["mask_schedule"] = ck["model_args"].get("mask_schedule", mask_schedule)
+    # older checkpoints: compare the meta keys they have (a re-encoding may add "classes")
+    saved_id = ck.get("data_id") or {k: ck["meta"][k] for k in same if k in ck["meta"]}
+    diff = config_diff(ck["model_args"], asdict(GPTConfig(**model_args)), ck["model_args"])
+    diff.update(config_diff(saved_id, data_id, saved_id))
+    check_resume(ckpt_path, diff)
+    if (ck.get("ema") is None) != (ema_decay == 0):
+        raise ValueError(f"init_from=resume: ema_decay={ema_decay} but the checkpoint {ckpt_path} "
+                         f"{'has no' if ck.get('ema') is None else 'has an'} EMA")
+    saved_decay = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
+    if "lr_decay_iters" not in _explicit:  # noqa: F821
+        decay_iters = saved_decay  # the schedule the run started with, whatever max_iters is now
+        if master and max_iters > saved_decay:
+            print(f"note: the cosine schedule of {ckpt_path} ends at iter {saved_decay} (kept; lr = "
+                  f"min_lr after it); pass --lr_decay_iters=N to stretch it")
+    elif decay_iters != saved_decay and master:
+        print(f"warning: lr_decay_iters={decay_iters} changes the run's cosine schedule (it was "
+              f"{saved_decay}) at iter {ck['iter']}: the learning rate jumps")
+    changed = config_diff(ck["config"], config, ("seed", "loss", "tau", "tau_scale", "metric",
+                                                 "label_smoothing", "batch_size", "learning_rate"))
+    if ck.get("world_size") != world_size:
+        changed["world_size"] = (ck.get("world_size"), world_size)
+    if changed and master:
+        print(f"note: resuming with changed settings (checkpoint, now): {changed}; from here the "
+              "run differs from one trained with either setting throughout")
+    iter_num = ck["iter"]
 gptconf = GPTConfig(**model_args)
 model_args = asdict(gptconf)
 torch.manual_seed(seed)  # the same init on every rank (DDP also broadcasts rank 0's)
 raw_model = GPT(gptconf).to(device)
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 ema = copy.deepcopy(raw_model).requires_grad_(False) if ema_decay > 0 else None
-ckpt_path, log_path, iter_num = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl"), 0
-if init_from == "resume":
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt_path} (train with "
-                                f"init_from=scratch first, or set out_dir to the run to continue)")
-    ck = load_checkpoint(ckpt_path, map_location=device)
-    missing = [k for k in ("model", "optimizer", "iter", "model_args", "meta") if k not in ck]
-    if missing:
-        raise ValueError(f"{ckpt_path} is not a train.py checkpoint (missing {missing})")
-    diff = {k: (ck["model_args"].get(k), v) for k, v in model_args.items() if ck["model_args"].get(k) != v}
-    diff.update({k: (ck["meta"].get(k), meta.get(k)) for k in same if ck["meta"].get(k) != meta.get(k)})
-    if diff:
-        raise ValueError(f"init_from=resume: {ckpt_path} is incompatible with this config "
-                         f"(checkpoint, now): {diff}")
-    if (ema is None) != (ck.get("ema") is None):
-        raise ValueError(f"init_from=resume: ema_decay={ema_decay} but the checkpoint "
-                         f"{'has no' if ck.get('ema') is None else 'has an'} EMA")
-    if (ck["config"]["batch_size"], ck["world_size"]) != (batch_size, world_size) and master:
-        print("note: batch size or world size changed; the data order differs from the original run")
+if ck is not None:
     raw_model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     if ema is not None:
         ema.load_state_dict(ck["ema"])
-    iter_num = ck["iter"]
     del ck
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.isfile(log_path):  # keep the log consistent with the checkpoint we continue from
-        with open(log_path) as f:
-            keep = [l for l in f if init_from == "resume" and json.loads(l)["iter"] <= iter_num]
-        with open(log_path, "w") as f:
-            f.writelines(keep)
+    if init_from == "resume":  # the log continues from the checkpoint: later records are redone
+        records = read_jsonl(log_path)
+        keep = [r for r in records if r.get("iter", 0) <= iter_num]
+        rewrite_jsonl(log_path, keep)  # atomic, and drops a partial last line a kill left
+        eval_logged = any(r["iter"] == iter_num and "val_nll" in r for r in keep)
     tokens_per_iter = gradient_accumulation_steps * batch_size * gptconf.seq_len
     print(f"{mode} {model_size}: {raw_model.num_params() / 1e6:.2f}M params, K={K}, T={gptconf.seq_len} "
           f"({grid_h}x{grid_w}x{L}), loss={loss}" + (f" tau={', '.join(f'{t:.3g}' for t in taus)} metric={metric}" if loss == "snce" else "")
           + f", {N} train images, {tokens_per_iter} tokens/iter, world {world_size}, device {device}")
+if ddp:  # every rank must agree on whether the first eval is redone (it is a collective)
+    flag = torch.tensor(int(eval_logged), device=device)
+    dist.broadcast(flag, 0)
+    eval_logged = bool(flag.item())
 model = torch.compile(raw_model) if compile else raw_model
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
@@ -266,7 +325,7 @@ def level_losses(hidden, codes, res, mask, kind=loss):
     sums = []
     for l in range(L):
         if kind == "snce":
-            kw = dict(latents=res.view(B, -1, L, res.shape[-1])[:, :, l], codebook=codebooks[l],
+            kw = dict(latents=res.view(B, -1, L, D)[:, :, l], codebook=codebooks[l],
                       tau=taus[l], metric=metric)
         else:
             kw = dict(latents=None, codebook=None, tau=0.0, targets=cod[:, :, l],
@@ -278,6 +337,14 @@ def level_losses(hidden, codes, res, mask, kind=loss):
     return torch.stack(sums), counts
 
 
+def hidden_states(net, codes, labels, mask):
+    """The transformer's last hidden states (B, T, H) under autocast. The fused loss turns
+    autocast off and runs its (rows x K) matmuls in the dtype of `hidden`, so `.to(ptdtype)` is
+    what makes them bf16 on CUDA (its softmax statistics stay fp32 inside); a no-op in fp32."""
+    with autocast:
+        return net(codes, labels, mask, return_hidden=True).to(ptdtype)
+
+
 def all_sum(x):
     if ddp:
         dist.all_reduce(x)
@@ -287,8 +354,8 @@ def all_sum(x):
 @torch.no_grad()
 def evaluate():
     """Held-out hard-label token NLL (CE on the stored codes: the same number whatever the
-    training loss, so runs compare) and the training objective, per level too. All ranks take
-    part on disjoint val batches; maskgit masks are seeded per batch so evals are repeatable."""
+    training objective, so runs compare) and the training objective, per level too. All ranks
+    take part on disjoint val batches; maskgit masks are seeded per batch so evals repeat."""
     raw_model.eval()
     n_val, totals = len(vcodes_mm), torch.zeros(3, L, device=device, dtype=torch.float64)
     order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).numpy()  # a fixed
@@ -300,8 +367,7 @@ def evaluate():
         if mode == "maskgit":
             g = torch.Generator(device).manual_seed(seed + 7919 * (s + 1))
             mask = raw_model.sample_mask(len(idx), generator=g)
-        with autocast:
-            hidden = raw_model(codes, labels, mask, return_hidden=True).to(ptdtype)
+        hidden = hidden_states(raw_model, codes, labels, mask)
         nll, n = level_losses(hidden, codes, None, mask, kind="ce")
         obj, _ = level_losses(hidden, codes, res, mask) if loss != "ce" else (nll, n)
         totals += torch.stack([nll, obj, n.to(nll.dtype)]).double()
@@ -312,14 +378,8 @@ def evaluate():
             "val_nll_levels": (totals[0] / n).tolist()}
 
 
-_tokenizer = None
-
-
 def save_sample_grid(path):
     """Class-conditional samples (rows = classes) from the EMA (or raw) model, decoded."""
-    global _tokenizer
-    if _tokenizer is None:
-        _tokenizer = Tokenizer.from_checkpoint(tok_path, device)
     classes = list(grid_classes) or list(range(min(10, num_classes)))
     labels = torch.tensor(classes, device=device).repeat_interleave(grid_per_class)
     g = torch.Generator(device).manual_seed(seed)
@@ -328,41 +388,58 @@ def save_sample_grid(path):
         codes = net.generate(labels, cfg_scale=grid_cfg_scale, temperature=grid_temperature,
                              top_k=grid_top_k or None, steps=grid_steps if mode == "maskgit" else None,
                              generator=g)
-        images = _tokenizer.decode(codes).float()
+        images = tok.decode(codes).float()
     data.save_grid(images, path, nrow=grid_per_class)
-
-
-def get_lr(it):
-    """Linear warmup, then cosine from learning_rate down to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def log_json(rec):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def save():
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "ema": None if ema is None else ema.state_dict(), "iter": iter_num,
-                     "model_args": model_args, "config": config, "meta": meta,
-                     "tokenizer_ckpt": os.path.abspath(tok_path), "world_size": world_size, "taus": taus},
+                     "model_args": model_args, "config": config, "meta": meta, "data_id": data_id,
+                     "tokenizer_ckpt": portable_path(tok_path, out_dir), "tokenizer_fingerprint": tok_fp,
+                     "lr_decay_iters": decay_iters, "world_size": world_size, "taus": taus},
                     ckpt_path)
+
+
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
+
+
+class StepTimer:
+    """Wall time per phase of a training step, summed over the steps it measured. CUDA runs
+    asynchronously, so a phase boundary must synchronize: done only on the steps it measures."""
+
+    def __init__(self):
+        self.ms, self.steps, self.on = dict.fromkeys(PHASES, 0.0), 0, False
+
+    def start(self, on):
+        self.on = on
+        self.steps += on
+        self.t = self._now()
+
+    def _now(self):
+        if self.on and device_type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, phase):
+        if self.on:
+            t = self._now()
+            self.ms[phase] += 1000 * (t - self.t)
+            self.t = t
+
+    def pop(self):
+        """-> {phase: ms per measured step} since the last pop."""
+        out = {k: v / max(1, self.steps) for k, v in self.ms.items()}
+        self.__init__()
+        return out
 
 
 # ---- the loop ----
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-t_last, tok_seen, start_iter = time.time(), 0, iter_num
-last_log = iter_num
+t_last, tok_seen, start_iter, last_log, timer = time.time(), 0, iter_num, iter_num, StepTimer()
 while True:
-    resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated before saving
-    if (iter_num % eval_interval == 0 and not resumed_here) or iter_num >= max_iters:
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not (iter_num == start_iter and eval_logged):
         t_eval = time.time()
         ev = evaluate()
         if master:
@@ -370,51 +447,60 @@ while True:
             save_sample_grid(grid_path)
             print(f"eval {iter_num}: val nll {ev['val_nll']:.4f} | val {loss} {ev['val_loss']:.4f} | "
                   f"per level {' '.join(f'{x:.3f}' for x in ev['val_nll_levels'])} | {grid_path}")
-            log_json({"iter": iter_num, **ev, "grid": grid_path})
-            if iter_num > 0:
+            if iter_num != start_iter or init_from == "scratch":  # else the checkpoint is this state
                 save()
+            append_jsonl(log_path, {"iter": iter_num, **ev, "grid": portable_path(grid_path, out_dir)})
         t_last += time.time() - t_eval  # eval time is not training throughput
     if iter_num >= max_iters:
         break
-    lr = get_lr(iter_num)
+    lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, decay_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    torch.manual_seed(seed * 1_000_003 + iter_num * world_size + rank)  # class dropout, masks
-    loss_sum = torch.zeros((), device=device)
+    torch.manual_seed(step_seed(seed, iter_num, rank, world_size))  # class dropout, masks, dropout
+    logged = (iter_num + 1) % log_interval == 0 or iter_num + 1 == max_iters
+    timer.start(on=device_type == "cpu" or logged)
+    objective = torch.zeros((), device=device)  # this step's training objective, token mean
     for micro in range(accum):
-        codes, res, labels = get_batch(codes_mm, latents_mm, labels_mm,
-                                       train_indices(iter_num * accum + micro))
+        codes, res, labels = get_batch(codes_mm, latents_mm, labels_mm, batch_indices(
+            N, seed, iter_num * accum + micro, rank, world_size, batch_size))
         mask = raw_model.sample_mask(batch_size) if mode == "maskgit" else None
+        timer.lap("data")
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
-        with autocast:
-            hidden = model(codes, labels, mask, return_hidden=True).to(ptdtype)
+        hidden = hidden_states(model, codes, labels, mask)
+        timer.lap("forward")
         sums, n = level_losses(hidden, codes, res, mask)
-        micro_loss = sums.sum() / n.sum() / accum  # DDP averages over ranks: / accum per rank
-        micro_loss.backward()
-        loss_sum += micro_loss.detach()
+        micro_objective = sums.sum() / n.sum() / accum  # DDP averages over ranks: / accum per rank
+        timer.lap("loss")
+        micro_objective.backward()
+        objective += micro_objective.detach()
+        timer.lap("backward")
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
+    timer.lap("optimizer")
     iter_num += 1
     tok_seen += accum * batch_size * gptconf.seq_len
-    if iter_num % log_interval == 0 or iter_num == max_iters:
-        train_loss = all_sum(loss_sum.clone()).item() / world_size
+    if logged:
+        train_objective = all_sum(objective.clone()).item() / world_size
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt, t_last = time.time() - t_last, time.time()
         tok_s = tok_seen * world_size / dt  # all ranks
-        tok_seen = 0
+        tok_seen, split, ms_per_iter = 0, timer.pop(), dt * 1000 / (iter_num - last_log)
         if master:
             mem = (torch.cuda.max_memory_allocated() if device_type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             mfu = f" | mfu {100 * raw_model.estimate_mfu(tok_s / world_size):.1f}%" if device_type == "cuda" else ""
-            print(f"iter {iter_num} | loss {train_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.2f} | "
-                  f"{dt * 1000 / (iter_num - last_log):.0f} ms/it | {tok_s:,.0f} tok/s{mfu} | peak mem {mem:.2f} GB")
-            log_json({"iter": iter_num, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "tok_per_s": tok_s, "peak_mem_gb": mem})
+            print(f"iter {iter_num} | loss {train_objective:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.2f} | "
+                  f"{ms_per_iter:.0f} ms/it ("
+                  + " ".join(f"{k} {v:.0f}" for k, v in split.items())
+                  + f") | {tok_s:,.0f} tok/s{mfu} | peak mem {mem:.2f} GB")
+            append_jsonl(log_path, {"iter": iter_num, "loss": train_objective, "lr": lr,
+                                    "grad_norm": grad_norm.item(), "tok_per_s": tok_s, "peak_mem_gb": mem,
+                                    "ms_per_iter": ms_per_iter, **{f"ms_{k}": v for k, v in split.items()}})
         last_log = iter_num
 
 if ddp:  # DDP keeps replicas identical; check it (cheap, once), so a silent divergence can't hide

@@ -6,12 +6,12 @@ global batch 256, 300 epochs, AdamW (0.9, 0.95), lr 1e-4, weight decay 0.05, cla
 The paper's tokenizers (Emu3.5, K = 131,072; FVQ, K = 262,144) are not ours: train ours with a
 large codebook (`--codebook_size=131072`, config/tokenizer_imagenet.py) and encode both splits:
 
-    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py \
+    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py \
         --data_root=/data/imagenet --codebook_size=131072
-    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py \
-        --mode=encode --split=train        # -> out/tokenizer_imagenet/encoded_train
-    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_imagenet.py \
-        --mode=encode --split=val
+    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=out/tokenizer_imagenet/ckpt.pt \
+        --split=train --device=cuda        # -> out/tokenizer_imagenet/encoded_train
+    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=out/tokenizer_imagenet/ckpt.pt \
+        --split=val --device=cuda
 
 Train (8 GPUs, one node; 32 per GPU x 8 = 256):
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py

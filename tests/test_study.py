@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import sample  # noqa: E402
+import fid  # noqa: E402
 from common import read_jsonl  # noqa: E402
 import study  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
@@ -164,9 +164,9 @@ def test_study_end_to_end(tmp_path):
     torch.jit.save(torch.jit.script(FakeInception()), weights)
     out = os.path.join(root, "study")
     # the real images' statistics, pre-cached: the "synthetic" dataset exists only in this process
-    feats = sample.load_inception(weights)
-    ref = sample.FeatureStats(32)
-    ref.add(feats(sample.to_uint8(torch.rand(20, 1, 8, 8) * 2 - 1)))
+    feats = fid.load_inception(weights)
+    ref = fid.FeatureStats(32)
+    ref.add(feats(fid.to_uint8(torch.rand(20, 1, 8, 8) * 2 - 1)))
     mu, sigma = ref.mu_sigma()
     os.makedirs(os.path.join(out, "fid_refs"))
     np.savez(os.path.join(out, "fid_refs", f"synthetic_val_8_fake_inception.pt_{os.path.getsize(weights)}.npz"),

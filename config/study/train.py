@@ -6,7 +6,7 @@ data_dir = "out/study/tokenizer/encoded_train"
 val_dir = "out/study/tokenizer/encoded_val"
 model_size = "mini"
 mode = "ar"
-tau_scale = "none"         # one level: tau in the tokenizer's own units, as in the paper
+# tau_scale stays "none" (the default): one level, tau in the tokenizer's own units as in the paper
 batch_size = 32            # 32 x 64 = 2,048 tokens per step; 4,500 images = 140 steps per epoch
 max_iters = 400            # ~2.8 epochs
 learning_rate = 2e-3
