@@ -489,3 +489,84 @@ def load_any_tokenizer(path, device="cpu", image_size=256, verbose=True):
         from tokenizer import Tokenizer
         return Tokenizer.from_checkpoint(path, device)
     return load_pretrained(path, device, image_size, verbose, ck=ck)
+
+
+# -----------------------------------------------------------------------------
+# storing D = 256 latents for SNCE: a per-vector scaled 1-byte format halves fp16's 128 KB/image
+
+LATENT_FORMATS = {  # name: (bytes per element, bytes of the per-vector float16 scale)
+    "float32": (4, 0), "float16": (2, 0), "bfloat16": (2, 0), "int8": (1, 2), "float8_e4m3": (1, 2)}
+_TOP = {"int8": 127.0, "float8_e4m3": 448.0}  # largest magnitude each 1-byte format holds
+
+
+def pack_latents(z, fmt):
+    """z (..., D) -> (payload (..., D), scale (..., 1) float16 or None). The 1-byte formats divide
+    each vector by s = max|z| / top (top = 127 for int8, 448 for e4m3) and round: int8 to the
+    nearest integer (error <= s / 2), float8_e4m3 to 3 mantissa bits (relative error <= 2^-4)."""
+    if fmt not in LATENT_FORMATS:
+        raise ValueError(f"latent format must be one of {tuple(LATENT_FORMATS)}, got {fmt!r}")
+    if fmt not in _TOP:
+        return z.to(getattr(torch, fmt)), None
+    s = (z.float().abs().amax(-1, keepdim=True) / _TOP[fmt]).half()   # stored: quantize with it
+    inv = torch.where(s > 0, 1 / s.float(), torch.zeros_like(s, dtype=torch.float))
+    y = (z.float() * inv).clamp(-_TOP[fmt], _TOP[fmt])
+    return (y.round().to(torch.int8) if fmt == "int8" else y.to(torch.float8_e4m3fn)), s
+
+
+def unpack_latents(payload, scale, fmt):
+    """-> float32 latents (..., D): the inverse of pack_latents (up to its rounding)."""
+    if fmt not in LATENT_FORMATS:
+        raise ValueError(f"latent format must be one of {tuple(LATENT_FORMATS)}, got {fmt!r}")
+    x = payload.float()
+    return x if scale is None else x * scale.float()
+
+
+# -----------------------------------------------------------------------------
+# LlamaGen / ADM image preprocessing and the augmented views LlamaGen pre-extracts codes for
+
+
+def center_crop_arr(im, size):
+    """ADM's center crop of a PIL image to size x size: halve with a box filter while the short
+    side is >= 2 * size (anti-aliasing), resize the short side to `size` (bicubic), crop the middle."""
+    from PIL import Image
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def ten_crop(x, size):
+    """(..., C, H, W) -> (..., 10, C, size, size): the four corners and the center (top-left,
+    top-right, bottom-left, bottom-right, center), then the same five of the mirrored image (the
+    order of torchvision's TenCrop, which LlamaGen's code extraction uses)."""
+    H, W = x.shape[-2:]
+    if size > min(H, W):
+        raise ValueError(f"ten_crop: crop {size} is larger than the image {H}x{W}")
+    t, l = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    corners = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size), (t, l)]
+    return torch.stack([im[..., i:i + size, j:j + size] for im in (x, x.flip(-1)) for i, j in corners], -4)
+
+
+AUGMENTS = {"none": 1, "flip": 2, "tencrop": 10}   # views per image
+
+
+def crop_size(augment, image_size):
+    """The center-crop size an image is loaded at: LlamaGen's ten-crop cuts 256 px views from a
+    1.1x center crop (281 px); the other modes use the image size itself."""
+    return int(image_size * 1.1) if augment == "tencrop" else image_size
+
+
+def augment_views(x, augment, image_size):
+    """Center-cropped images (B, C, S', S') at crop_size -> (B, A, C, S, S) views to encode: the
+    image itself, + its mirror ("flip": LlamaGen's default), or the ten crops ("tencrop")."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {tuple(AUGMENTS)}, got {augment!r}")
+    want = crop_size(augment, image_size)
+    if tuple(x.shape[-2:]) != (want, want):
+        raise ValueError(f"augment={augment!r} expects images center-cropped to {want} px, "
+                         f"got {tuple(x.shape[-2:])}")
+    if augment == "tencrop":
+        return ten_crop(x, image_size)
+    return torch.stack([x, x.flip(-1)], 1) if augment == "flip" else x.unsqueeze(1)

@@ -306,3 +306,63 @@ def test_full_size_round_trip(tmp_path, name, make):
     assert z.shape == (1, 16, 16, cfg.code_dim) and codes.shape == (1, 16, 16, 1)
     assert torch.equal(codes[..., 0], (z @ tok.codebooks[0].t()).argmax(-1))
     assert tok.decode(codes).shape == (1, 3, 256, 256)
+
+
+# ---- latent storage formats, LlamaGen's crops ----
+
+def test_pack_latents_int8_matches_naive_and_float8_error_bound():
+    torch.manual_seed(0)
+    z = torch.randn(300, 256) * torch.rand(300, 1) * 5     # per-vector scales differ
+    z[0] = 0                                               # a zero vector comes back as zeros
+    z[1, 3] = 1e3                                          # an outlier sets its vector's scale
+    p, s = P.pack_latents(z, "int8")
+    assert p.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (300, 1)
+    back = P.unpack_latents(p, s, "int8")
+    for i in (0, 1, 2, 299):                               # naive: python floats, fp16 scale
+        v = z[i].tolist()
+        si = float(torch.tensor(max(abs(a) for a in v) / 127).half())
+        want = [max(-127, min(127, round(a / si))) * si if si > 0 else 0.0 for a in v]
+        assert back[i].tolist() == pytest.approx(want, abs=1e-6)
+    assert (back - z).abs().le(s.float() / 2 + 1e-5).all() and back[0].eq(0).all()
+    p8, s8 = P.pack_latents(z, "float8_e4m3")
+    assert p8.dtype == torch.float8_e4m3fn
+    err = (P.unpack_latents(p8, s8, "float8_e4m3") - z).abs()
+    # 3 mantissa bits: relative error <= 2^-4 for normal values, 2^-10 * scale below 2^-6 * scale
+    assert err.le(torch.maximum(z.abs() * 2 ** -4, s8.float() * 2 ** -10) * 1.001 + 1e-7).all()
+    assert err.max() > 0 and not torch.isnan(err).any()
+    f16, none = P.pack_latents(z, "float16")
+    assert f16.dtype == torch.float16 and none is None
+    with pytest.raises(ValueError, match="latent format must be one of"):
+        P.pack_latents(z, "int4")
+
+
+def test_ten_crop_order_and_views():
+    x = torch.arange(2 * 3 * 7 * 9, dtype=torch.float).view(2, 3, 7, 9)   # every pixel distinct
+    c = P.ten_crop(x, 4)
+    assert c.shape == (2, 10, 3, 4, 4)
+    assert torch.equal(c[:, 0], x[..., :4, :4]) and torch.equal(c[:, 3], x[..., 3:, 5:])
+    assert torch.equal(c[:, 1], x[..., :4, 5:]) and torch.equal(c[:, 2], x[..., 3:, :4])
+    assert torch.equal(c[:, 4], x[..., 2:6, 2:6])                         # (7-4)/2 -> 2, (9-4)/2 -> 2
+    for k, m in ((5, 1), (6, 0), (7, 3), (8, 2), (9, 4)):                 # mirrored image's crops
+        want = c[:, m].flip(-1) if k != 9 else x.flip(-1)[..., 2:6, 2:6]  # same offsets, mirrored
+        assert torch.equal(c[:, k], want), k
+    img = torch.randn(2, 3, 281, 281)
+    assert P.crop_size("tencrop", 256) == 281 and P.augment_views(img, "tencrop", 256).shape == (2, 10, 3, 256, 256)
+    v = P.augment_views(img[..., :256, :256], "flip", 256)
+    assert v.shape == (2, 2, 3, 256, 256) and torch.equal(v[:, 1], img[..., :256, :256].flip(-1))
+    with pytest.raises(ValueError, match="center-cropped to 281"):
+        P.augment_views(img[..., :256, :256], "tencrop", 256)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        P.augment_views(img, "rot90", 256)
+
+
+def test_center_crop_arr_is_centered_and_sized():
+    from PIL import Image
+    import numpy as np
+    a = np.zeros((600, 1000, 3), np.uint8)
+    a[:, 500:] = 255                        # right half white: the crop's middle column is the edge
+    out = np.asarray(P.center_crop_arr(Image.fromarray(a), 64))
+    assert out.shape == (64, 64, 3)
+    assert out[:, :30].max() < 10 and out[:, 34:].min() > 245
+    small = P.center_crop_arr(Image.fromarray(a[:50, :80]), 64)          # upscaled: short side 64
+    assert small.size == (64, 64)
