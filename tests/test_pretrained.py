@@ -366,3 +366,16 @@ def test_center_crop_arr_is_centered_and_sized():
     assert out[:, :30].max() < 10 and out[:, 34:].min() > 245
     small = P.center_crop_arr(Image.fromarray(a[:50, :80]), 64)          # upscaled: short side 64
     assert small.size == (64, 64)
+
+
+def test_tau_for_perplexity_and_storage_error_vs_naive():
+    torch.manual_seed(0)
+    z, C = torch.randn(40, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    tau = P.tau_for_perplexity(z, C, 7.0)
+    q = torch.softmax(z @ C.t() / tau, -1)                      # dot: -d / tau = z.c / tau
+    assert torch.exp(-(q * q.log()).sum(-1)).mean().item() == pytest.approx(7.0, rel=1e-3)
+    mean, mx = P.storage_error(z, C, tau, "int8")
+    z8 = P.unpack_latents(*P.pack_latents(z, "int8"), "int8").double()
+    tv = 0.5 * (q - torch.softmax(z8 @ C.t() / tau, -1)).abs().sum(-1)
+    assert mean == pytest.approx(tv.mean().item(), rel=1e-4) and mx == pytest.approx(tv.max().item(), rel=1e-4)
+    assert 0 < mean < mx and P.storage_error(z, C, tau, "float32") == (0.0, 0.0)
