@@ -378,4 +378,4 @@ def test_tau_for_perplexity_and_storage_error_vs_naive():
     z8 = P.unpack_latents(*P.pack_latents(z, "int8"), "int8").double()
     tv = 0.5 * (q - torch.softmax(z8 @ C.t() / tau, -1)).abs().sum(-1)
     assert mean == pytest.approx(tv.mean().item(), rel=1e-4) and mx == pytest.approx(tv.max().item(), rel=1e-4)
-    assert 0 < mean < mx and P.storage_error(z, C, tau, "float32") == (0.0, 0.0)
+    assert 0 < mean < mx and P.storage_error(z.float(), C.float(), tau, "float32") == (0.0, 0.0)
