@@ -599,6 +599,12 @@ def storage_error(z, C, tau, fmt, metric="dot"):
     return tv.mean().item(), tv.max().item()
 
 
+def code_flips(z, C, fmt, metric="dot"):
+    """Share of latents whose nearest code changes once stored in `fmt`."""
+    stored = unpack_latents(*pack_latents(z, fmt), fmt)
+    return (nearest_code(z, C, metric) != nearest_code(stored, C, metric)).float().mean().item()
+
+
 def encoder_flops(model, image_size):
     """FLOPs (2 x multiply-adds) of encode_latents for one image, counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -634,16 +640,18 @@ def bench(names, batch, image_size, reps, rows, K, D, perplexities, formats, gpu
     print(f"latent storage, D={D}, {tokens} tokens/image, {n_images} images; SNCE target error "
           f"on random z, C ~ N(0, I) (K={K}, {rows} rows), dot metric, tau set for each perplexity:")
     taus = [tau_for_perplexity(z, C, p) for p in perplexities]
-    print("format        B/token  KB/image  GB total  " + "  ".join(f"TV@ppl{p:g} (mean/max)" for p in perplexities))
+    print("format        B/token  KB/image  GB total  code flips  " + "  ".join(
+        f"TV@ppl{p:g} (mean/max)" for p in perplexities))
     for fmt in formats:
         per_el, scale = LATENT_FORMATS[fmt]
         b = D * per_el + scale
         errs = "  ".join(f"{m_:.1e}/{x_:.1e}".ljust(len(f"TV@ppl{p:g} (mean/max)"))
                          for p, (m_, x_) in zip(perplexities, (storage_error(z, C, t, fmt) for t in taus)))
-        print(f"{fmt:12s}  {b:7d}  {b * tokens / 1024:8.0f}  {b * tokens * n_images / 1e9:8.0f}  {errs}")
+        print(f"{fmt:12s}  {b:7d}  {b * tokens / 1024:8.1f}  {b * tokens * n_images / 1e9:8.0f}  "
+              f"{code_flips(z, C, fmt):10.1e}  {errs}")
     from snce import neighbor_probs  # yardstick: the same TV from a 10% change of tau
     tv = [0.5 * (neighbor_probs(z, C, t) - neighbor_probs(z, C, 1.1 * t)).abs().sum(-1) for t in taus]
-    print("tau -> 1.1 tau (yardstick)           " + "  ".join(
+    print("tau -> 1.1 tau (yardstick)                       " + "  ".join(
         f"{v.mean().item():.1e}/{v.max().item():.1e}".ljust(len(f"TV@ppl{p:g} (mean/max)"))
         for p, v in zip(perplexities, tv)))
 

@@ -379,3 +379,12 @@ def test_tau_for_perplexity_and_storage_error_vs_naive():
     tv = 0.5 * (q - torch.softmax(z8 @ C.t() / tau, -1)).abs().sum(-1)
     assert mean == pytest.approx(tv.mean().item(), rel=1e-4) and mx == pytest.approx(tv.max().item(), rel=1e-4)
     assert 0 < mean < mx and P.storage_error(z.float(), C.float(), tau, "float32") == (0.0, 0.0)
+
+
+def test_code_flips_counts_changed_nearest_codes():
+    C = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z = torch.tensor([[1.0, 0.999], [1.0, 0.5], [0.2, 1.0], [0.999, 1.0]])  # near-ties on rows 0, 3
+    # int8 keeps 1.0 and rounds 0.999 * 127 = 126.87 up to 127: both near-ties become exact ties,
+    # which the search breaks to code 0; row 0 keeps code 0, row 3 flips from code 1
+    assert P.code_flips(z, C, "int8") == pytest.approx(0.25)
+    assert P.code_flips(z, C, "float16") == 0.0
