@@ -25,14 +25,22 @@ set it loaded. Files are read with weights_only=True; a file that also pickles t
 (hyper-parameters, argparse namespaces) is read with those objects replaced by inert placeholders,
 so no code from the file runs (`read_checkpoint`).
 
+Also here: 1-byte storage of D = 256 latents for SNCE (`pack_latents`: int8 with a float16
+scale per vector, half of float16's 128 KB per image), and the ADM / LlamaGen preprocessing
+(`center_crop_arr`, the flip / ten-crop views LlamaGen pre-extracts codes for).
+
+    tok = pretrained.load_any_tokenizer("imagenet256_262144.ckpt", "cuda")  # or this repo's ckpt.pt
+    z, codes = tok.encode(images)          # (B, 16, 16, 256) float32, (B, 16, 16, 1) int64
+
     python pretrained.py      # CPU benchmark: encode img/s, encoder FLOPs, latent storage error
+    python pretrained.py --names="()" --rows=4096          # the storage table only
     python -m pytest -q tests/test_pretrained.py            # tiny configs (+ `-m slow`: full size)
 """
 
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
