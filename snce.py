@@ -1,35 +1,48 @@
 """
 Stochastic Neighbor Cross Entropy (SNCE): the loss, chunked so it scales to 262k-code vocabularies.
 
-Cross entropy trains a discrete generator against the one-hot code t_i = argmin_k d(z_i, c_k).
-SNCE (paper Eq. 7-8) trains it against the neighbor distribution of the continuous latent z_i
-(paper Eq. 5):
+Paper: "SNCE: Geometry-Aware Supervision for Scalable Discrete Image Generation" (equation
+numbers below are the paper's).
 
-    q(k | z_i) = softmax_k(-d(z_i, c_k) / tau)        L_SNCE = -sum_k q(k | z_i) log p(k | ctx_i)
+Cross entropy trains a discrete generator against the one-hot code t_i = argmin_k d(z_i, c_k)
+of the tokenizer's continuous latent z_i (D-dim) and codebook C = (c_1 .. c_K). SNCE trains it
+against the neighbor distribution of z_i instead (Eq. 5), so codes near z_i get positive signal
+rather than being pushed down as hard as unrelated ones:
 
-so codes near z_i get positive signal instead of being pushed down as hard as unrelated ones.
-The gradient w.r.t. the logits s is p - q (Eq. 11); tau -> 0 recovers CE on the nearest code.
+    q(k | z_i) = exp(-d(z_i, c_k) / tau) / sum_j exp(-d(z_i, c_j) / tau)             (Eq. 5)
+    L_SNCE     = -(1 / |M|) sum_{i in M} sum_k q(k | z_i) log p(k | ctx_i)           (Eq. 7-8)
 
-"Linear teacher": for every metric the target logits -d(z, c_k) / tau are, up to a per-row
-constant that the softmax ignores, an affine map of (a normalised) z:
+with p = softmax(s) the model's distribution from its logits s (K,), M the rows that count
+(all tokens for AR, the masked ones for MaskGIT), and d one of
 
-    l2 : -||z - c||^2 / tau = z @ (2C / tau)^T - ||c||^2 / tau   (- ||z||^2 / tau, cancels)
-    dot: -(-z . c)   / tau = z @ (C / tau)^T
-    cos: -(-cos)     / tau = (z / ||z||) @ (C / ||C|| / tau)^T
+    l2 : d(z, c) = ||z - c||^2        dot: d(z, c) = -z . c        cos: d(z, c) = -cos(z, c)
 
-so one (c, D) @ (D, K) matmul per chunk of rows gives them, whatever the metric.
+Facts the code relies on (each checked in tests/test_snce.py):
+  - gradient: dL_row / ds = p - q (Eq. 11), so one chunk of rows gives its loss and its logit
+    gradient in one pass, and backprop through the head is two matmuls with (p - q).
+  - KL view: L_row = KL(q || p) + H(q); H(q) does not depend on the model, so SNCE and the
+    forward KL to q have the same gradient (that is how a distillation loss with a "teacher"
+    computes the same thing).
+  - tau -> 0: q becomes one-hot on argmin_k d, so SNCE becomes CE on the nearest code; tau == 0
+    is accepted and means exactly that (hard CE; or CE on given `targets`, optionally with
+    label smoothing, the paper's baselines).
+  - linear teacher: for every metric the target logits -d(z, c_k) / tau are, up to a per-row
+    constant that the softmax ignores, an affine map of (a normalised) z:
 
-Public API (DESIGN.md section 4):
+        l2 : -||z - c||^2 / tau = [z, 1] @ [2C / tau, -||c||^2 / tau]^T  (- ||z||^2 / tau, cancels)
+        dot: -(-z . c)   / tau = z @ (C / tau)^T
+        cos: -(-cos)     / tau = (z / ||z||) @ (C / ||C|| / tau)^T
+
+    so one (rows, D') @ (D', K) product per chunk of rows gives them, whatever the metric.
+
+Public API:
     neighbor_probs(latents, codebook, tau, metric)                       dense q, for small sizes
     snce_loss(logits, latents, codebook, tau, metric, mask, ...)          on materialised logits
     fused_linear_snce(hidden, weight, latents, codebook, tau, ...)       never builds (N, K) logits
     dissimilarity / nearest_code                                         the metric definitions,
                                                                          shared with tokenizer.py
 
-Benchmark (fwd+bwd median time and peak extra memory of six ways to compute the loss; one
-table on the CPU, then one on CUDA when present, with the same flags):
-    python snce.py                                   # N=4096 H=256 D=8 K=65536 fp32
-    python snce.py --device=cuda --dtype=bf16 --N=16384 --H=1024 --K=131072   # the GPU target
+Benchmark: `python bench_snce.py` (bench_snce.py says what it measures).
 """
 
 import math
@@ -42,7 +55,7 @@ CHUNK_BYTES = 128 * 2**20  # budget for one chunk's two (rows, K) fp32 scratch b
 
 
 # -----------------------------------------------------------------------------
-# the metric definitions (DESIGN.md section 2), one place for the whole repo
+# the metric definitions, one place for the whole repo
 
 
 def _check_metric(metric):
@@ -126,7 +139,7 @@ def _default_chunk(K, extra_bytes_per_row=0):
 
 
 # -----------------------------------------------------------------------------
-# input checks: bad input gets a clear error (DESIGN.md section 4)
+# input checks: bad input gets a clear error
 
 
 def _check(latents, codebook, tau, metric, reduction, rows_shape, K, what, targets):
@@ -458,126 +471,3 @@ def neighbor_probs(latents, codebook, tau=1.0, metric="l2"):
     A = _teacher(codebook.to(dtype), tau, metric)
     z = _prep(latents.reshape(-1, codebook.shape[1]), metric, dtype)
     return _teacher_logits(z, A).softmax(-1).view(*latents.shape[:-1], K)
-
-
-# -----------------------------------------------------------------------------
-# benchmark: python snce.py [--device=cuda --dtype=bf16 --N= --H= --K= --D= --tau= --reps=]
-
-
-def _bench_methods(h, W, z, C, tau, metric, codes):
-    import torch.nn.functional as F
-
-    def ce():
-        return F.cross_entropy((h @ W.t()).float(), codes)
-
-    def naive():
-        q = neighbor_probs(z, C, tau, metric)
-        return -(q * (h @ W.t()).float().log_softmax(-1)).sum(-1).mean()
-
-    return {
-        "(1) linear + F.cross_entropy": ce,
-        "(2) naive dense SNCE": naive,
-        "(3) snce_loss(logits)": lambda: snce_loss(h @ W.t(), z, C, tau, metric),
-        "(4) fused_linear_snce": lambda: fused_linear_snce(h, W, z, C, tau, metric),
-        "(5) fused_linear_snce tau=0": lambda: fused_linear_snce(h, W, z, C, 0.0, metric),
-        "(6) fused_linear_snce, hard codes given": lambda: fused_linear_snce(
-            h, W, None, None, 0.0, targets=codes),
-    }
-
-
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM (peak resident set)
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _peak_read(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-
-def _bench(args):
-    import statistics
-    import time
-
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    N, H, K, D = args.N, args.H, args.K, args.D
-    C = torch.randn(K, D, generator=g)
-    codes = torch.randint(0, K, (N,), generator=g)
-    z = C[codes] + 0.3 * torch.randn(N, D, generator=g)   # latents near their codes
-    h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
-    W = (0.02 * torch.randn(K, H, generator=g)).to(device, dtype).requires_grad_()
-    z, C, codes = z.to(device), C.to(device), nearest_code(z, C, args.metric).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows, results = [], {}
-    for name, fn in _bench_methods(h, W, z, C, args.tau, args.metric, codes).items():
-        h.grad = W.grad = None
-        base = _peak_reset(device)
-        loss = fn()
-        loss.backward()
-        peak = _peak_read(device) - base
-        results[name] = (loss.detach().double(), h.grad.double(), W.grad.double())
-        times = []
-        for _ in range(args.reps):
-            h.grad = W.grad = None
-            sync()
-            t0 = time.perf_counter()
-            fn().backward()
-            sync()
-            times.append(time.perf_counter() - t0)
-        rows.append((name, statistics.median(times), peak))
-    t_ce, m_ce = rows[0][1], rows[0][2]
-    print(f"\nSNCE fwd+bwd on {device.type} ({torch.get_num_threads()} threads), {args.dtype}, "
-          f"N={N} H={H} K={K} D={D} tau={args.tau} metric={args.metric}, median of {args.reps}")
-    print("| method | fwd+bwd ms | x (1) | peak extra MB | KB/row | max abs err |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, t, peak in rows:
-        hard = name.startswith(("(5)", "(6)"))
-        ref = results[rows[0][0] if hard else rows[1][0]]
-        err = max((a - b).abs().max().item() for a, b in zip(results[name], ref))
-        err = "-" if name.startswith(("(1)", "(2)")) else f"{err:.1e}" + (" vs (1)" if hard else "")
-        print(f"| {name} | {1e3 * t:.0f} | {t / t_ce:.2f} | {peak / 2**20:.0f} | "
-              f"{peak / N / 1024:.1f} | {err} |")
-    t4, t5, t6, m4 = rows[3][1], rows[4][1], rows[5][1], rows[3][2]
-    print(f"\nfused vs (1): time {t4 / t_ce:.2f}x, peak extra memory {m4 / max(m_ce, 1):.3f}x; "
-          f"fused SNCE vs its own tau=0 path: {t4 / t5:.2f}x, vs hard codes given: {t4 / t6:.2f}x")
-
-
-if __name__ == "__main__":
-    import argparse
-    import os
-    import sys
-
-    p = argparse.ArgumentParser(description="benchmark the SNCE losses (fwd+bwd time, peak memory)")
-    p.add_argument("--N", type=int, default=4096)
-    p.add_argument("--H", type=int, default=256)
-    p.add_argument("--K", type=int, default=65536)
-    p.add_argument("--D", type=int, default=8)
-    p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--metric", default="l2", choices=METRICS)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default=None, help="default: cpu, then cuda when present")
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc keeps freed blocks < 32 MB in the heap, so the resident set would remember
-        # earlier methods' buffers; a fixed mmap threshold returns them, making VmHWM honest.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
-    for dev in devices:
-        args.device = dev
-        _bench(args)

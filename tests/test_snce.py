@@ -10,7 +10,7 @@ from snce import (METRICS, dissimilarity, fused_linear_snce, nearest_code, neigh
 f64 = torch.float64
 
 
-# --- naive references, written from the definitions in DESIGN.md section 2 -----------------
+# --- naive references, written from the definitions (snce.py docstring; paper Eq. 5, 7-8) ---
 
 def naive_d(z, C, metric):
     if metric == "l2":
