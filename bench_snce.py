@@ -205,6 +205,7 @@ def bench(N, H, K, D, metric, args, peers):
             times[name].append(time.perf_counter() - t0)
     t = {name: statistics.median(v) for name, v in times.items()}
     one, hard = "(1) linear + F.cross_entropy", "(6) fused_linear_snce, hard codes given"
+    errs = {}
     print(f"\nN={N} H={H} K={K} D={D} tau={args.tau} metric={metric}: {device.type} "
           f"({torch.get_num_threads()} threads), {args.dtype}, median of {args.reps}")
     print("| method | fwd+bwd ms | x (1) | x repo hard | peak extra MB | max abs err | first call s |")
@@ -214,11 +215,12 @@ def bench(N, H, K, D, metric, args, peers):
             print(f"| {name} | {fn} | | | | | |")
             continue
         ref = one if kind == "hard" else "(2) naive dense SNCE"
-        err = max((a - b).abs().max().item() for a, b in zip(result[name], result[ref]))
+        err = errs[name] = max((a - b).abs().max().item()
+                               for a, b in zip(result[name], result[ref]))
         err = "-" if name == ref else f"{err:.1e}" + (" vs (1)" if kind == "hard" else "")
         print(f"| {name} | {1e3 * t[name]:.0f} | {t[name] / t[one]:.2f} | {t[name] / t[hard]:.2f} "
               f"| {peak[name] / 2**20:.0f} | {err} | {first[name]:.1f} |")
-    return t, peak
+    return t, peak, errs
 
 
 def main():
@@ -242,7 +244,7 @@ def main():
     for size in args.sizes.split(","):
         N, H, K, D = (int(x) for x in size.lower().split("x"))
         for metric in args.metrics.split(","):
-            t, peak = bench(N, H, K, D, metric, args, peers)
+            t, peak, _ = bench(N, H, K, D, metric, args, peers)
             one = "(1) linear + F.cross_entropy"
             summary.append((size, metric, t["(5) fused_linear_snce, compiled"]
                             / t["(6) fused_linear_snce, hard codes given"],
