@@ -39,8 +39,14 @@ Public API:
     neighbor_probs(latents, codebook, tau, metric)                       dense q, for small sizes
     snce_loss(logits, latents, codebook, tau, metric, mask, ...)          on materialised logits
     fused_linear_snce(hidden, weight, latents, codebook, tau, ...)       never builds (N, K) logits
+    fused_linear_snce_levels(hidden, weight, latents, codebooks, taus)   L residual levels, one call
     dissimilarity / nearest_code                                         the metric definitions,
                                                                          shared with tokenizer.py
+    compile_available(device)                        whether the fused chunk kernel can compile
+
+Speed: each chunk of rows runs either the eager path (plain PyTorch ops, the readable reference)
+or the same computation as a torch.compile'd two-pass kernel (the default where a compiler is
+available; compile=False or SNCE_COMPILE=0 turn it off). The numbers agree to fp32 rounding.
 
 Benchmark: `python bench_snce.py` (bench_snce.py says what it measures).
 """

@@ -114,7 +114,10 @@ def test_snce_loss_matches_dense(metric, reduction, masked, chunk_size):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_fused_matches_dense(metric, reduction, masked, use_bias):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compiler)])
+def test_fused_matches_dense(metric, reduction, masked, use_bias, compile):
+    """Eager path and compiled chunk kernel; chunk sizes 1 and 4 over 15 rows (or the masked
+    ones) give full chunks and a shorter tail, None one chunk."""
     z, C, h, W, b, mask = problem()
     mask = mask if masked else None
     h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
@@ -126,9 +129,11 @@ def test_fused_matches_dense(metric, reduction, masked, use_bias):
     want = grads(ref, params, w)
     for chunk_size in (None, 1, 4):
         got = fused_linear_snce(h, W, z, C, 0.7, metric, bias=bias, mask=mask,
-                                chunk_size=chunk_size, reduction=reduction)
+                                chunk_size=chunk_size, reduction=reduction, compile=compile)
         torch.testing.assert_close(got, ref)
         torch.testing.assert_close(grads(got, params, w), want)
+    if compile:
+        assert_compiled_ran()
 
 
 def test_gradient_is_p_minus_q():
@@ -407,32 +412,6 @@ def test_levels_bad_input():
 
 
 # --- the compiled chunk kernel: the same numbers as the eager path and the references -------
-
-@needs_compiler
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_compiled_fused_matches_dense_and_eager(metric, reduction, masked, use_bias):
-    """chunk_size=4 over 15 rows (or the masked ones): full chunks and a shorter tail."""
-    z, C, h, W, b, mask = problem()
-    mask = mask if masked else None
-    h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
-    bias = b if use_bias else None
-    params = [h, W] + ([b] if use_bias else [])
-    ref = naive_loss(h @ W.t() + (b if use_bias else 0), naive_q(z, C, 0.7, metric), mask,
-                     reduction)
-    w = torch.rand(3, 5, dtype=f64) if reduction == "none" else None
-    kw = dict(bias=bias, mask=mask, chunk_size=4, reduction=reduction)
-    got = fused_linear_snce(h, W, z, C, 0.7, metric, compile=True, **kw)
-    eager = fused_linear_snce(h, W, z, C, 0.7, metric, compile=False, **kw)
-    torch.testing.assert_close(got, ref)
-    torch.testing.assert_close(got, eager)
-    g = grads(got, params, w)
-    torch.testing.assert_close(g, grads(ref, params, w))
-    torch.testing.assert_close(g, grads(eager, params, w))
-    assert_compiled_ran()
-
 
 def assert_compiled_ran():
     """The compiled passes exist and did not fall back to eager (which would match too)."""
