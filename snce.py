@@ -239,13 +239,15 @@ def _rows(mask, rows_shape, device):
 #
 # Eager PyTorch spends about eight passes over each (c, K) block on the soft targets (max,
 # shift, threshold, exp, sum, the q.s dot, p - q). torch.compile (inductor: C++/OpenMP on the
-# CPU, Triton on a GPU) fuses them into two: _soft_stats reads the logits s and the teacher
-# logits t once for the row maxima and once for the three row sums (both kept in registers),
-# _soft_grad reads them once more and writes dL/ds over s. The teacher logits t come from one
-# (c, D') @ (D', K) matmul into a scratch buffer: computing them inside the fused passes instead
-# re-reads the (D', K) teacher for every row and measured slower on the CPU. Compiled once per
-# (chunk rows, K, D', dtype, device); a shorter last chunk runs the eager path instead of
-# compiling again. First call: ~2-20 s of compilation on this 2-core CPU (cached on disk after).
+# CPU, Triton on a GPU) fuses them into two kernels: _soft_stats (row maxima, then the three row
+# sums, leaving exp(s - m) and the unnormalised q in the buffers) and _soft_grad (one pointwise
+# pass writing dL/ds over s, with no exp). The teacher logits t come from one (c, D') @ (D', K)
+# matmul into a scratch buffer: computing them inside the fused pass instead re-reads the whole
+# (D', K) teacher for every row (inductor does not tile rows) and measured slower on the CPU.
+# The row count is marked dynamic, so each kernel compiles once per (K, dtype, device) family
+# whatever the chunk lengths (the last chunk, masked rows). First call: seconds of compilation
+# (inductor caches the result on disk for later processes). Any compile failure falls back to
+# the eager path with a warning.
 
 
 def _soft_stats(s, t):
