@@ -649,6 +649,8 @@ def fused_linear_snce_levels(hidden, weight, latents, codebooks, taus, metric="l
         _need_tensor(bias, "bias", f"({K},)")
         if bias.shape != (K,):
             raise ValueError(f"bias must be ({K},), got {tuple(bias.shape)}")
+    if isinstance(taus, torch.Tensor) and taus.dim() == 1:
+        taus = taus.tolist()
     taus = [_as_tau(t) for t in (taus if isinstance(taus, (list, tuple)) else [taus] * L)]
     if len(taus) != L:
         raise ValueError(f"taus must be one number or L = {L} of them (hidden's dim -2), "

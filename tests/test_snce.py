@@ -397,6 +397,9 @@ def test_levels_shared_codebook_and_dense_reference():
     want = rows.sum((0, 1))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grads(got.sum(), [h, W_]), grads(want.sum(), [h, W_]))
+    as_tensor = fused_linear_snce_levels(hid, W, lat, cbs[0], torch.tensor([0.5, 0.5]), "l2",
+                                         mask=mask, reduction="sum")
+    torch.testing.assert_close(as_tensor, want.detach())
 
 
 def test_levels_bad_input():
