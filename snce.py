@@ -1,38 +1,61 @@
 """
 Stochastic Neighbor Cross Entropy (SNCE): the loss, chunked so it scales to 262k-code vocabularies.
 
-Cross entropy trains a discrete generator against the one-hot code t_i = argmin_k d(z_i, c_k).
-SNCE (paper Eq. 7-8) trains it against the neighbor distribution of the continuous latent z_i
-(paper Eq. 5):
+Paper: "SNCE: Geometry-Aware Supervision for Scalable Discrete Image Generation" (equation
+numbers below are the paper's).
 
-    q(k | z_i) = softmax_k(-d(z_i, c_k) / tau)        L_SNCE = -sum_k q(k | z_i) log p(k | ctx_i)
+Cross entropy trains a discrete generator against the one-hot code t_i = argmin_k d(z_i, c_k)
+of the tokenizer's continuous latent z_i (D-dim) and codebook C = (c_1 .. c_K). SNCE trains it
+against the neighbor distribution of z_i instead (Eq. 5), so codes near z_i get positive signal
+rather than being pushed down as hard as unrelated ones:
 
-so codes near z_i get positive signal instead of being pushed down as hard as unrelated ones.
-The gradient w.r.t. the logits s is p - q (Eq. 11); tau -> 0 recovers CE on the nearest code.
+    q(k | z_i) = exp(-d(z_i, c_k) / tau) / sum_j exp(-d(z_i, c_j) / tau)             (Eq. 5)
+    L_SNCE     = -(1 / |M|) sum_{i in M} sum_k q(k | z_i) log p(k | ctx_i)           (Eq. 7-8)
 
-"Linear teacher": for every metric the target logits -d(z, c_k) / tau are, up to a per-row
-constant that the softmax ignores, an affine map of (a normalised) z:
+with p = softmax(s) the model's distribution from its logits s (K,), M the rows that count
+(all tokens for AR, the masked ones for MaskGIT), and d one of
 
-    l2 : -||z - c||^2 / tau = z @ (2C / tau)^T - ||c||^2 / tau   (- ||z||^2 / tau, cancels)
-    dot: -(-z . c)   / tau = z @ (C / tau)^T
-    cos: -(-cos)     / tau = (z / ||z||) @ (C / ||C|| / tau)^T
+    l2 : d(z, c) = ||z - c||^2        dot: d(z, c) = -z . c        cos: d(z, c) = -cos(z, c)
 
-so one (c, D) @ (D, K) matmul per chunk of rows gives them, whatever the metric.
+Facts the code relies on (each checked in tests/test_snce.py):
+  - gradient: dL_row / ds = p - q (Eq. 11), so one chunk of rows gives its loss and its logit
+    gradient in one pass, and backprop through the head is two matmuls with (p - q).
+  - KL view: L_row = KL(q || p) + H(q); H(q) does not depend on the model, so SNCE and the
+    forward KL to q have the same gradient (that is how a distillation loss with a "teacher"
+    computes the same thing).
+  - tau -> 0: q becomes one-hot on argmin_k d, so SNCE becomes CE on the nearest code; tau == 0
+    is accepted and means exactly that (hard CE; or CE on given `targets`, optionally with
+    label smoothing, the paper's baselines).
+  - linear teacher: for every metric the target logits -d(z, c_k) / tau are, up to a per-row
+    constant that the softmax ignores, an affine map of (a normalised) z:
 
-Public API (DESIGN.md section 4):
+        l2 : -||z - c||^2 / tau = [z, 1] @ [2C / tau, -||c||^2 / tau]^T  (- ||z||^2 / tau, cancels)
+        dot: -(-z . c)   / tau = z @ (C / tau)^T
+        cos: -(-cos)     / tau = (z / ||z||) @ (C / ||C|| / tau)^T
+
+    so one (rows, D') @ (D', K) product per chunk of rows gives them, whatever the metric.
+
+Public API:
     neighbor_probs(latents, codebook, tau, metric)                       dense q, for small sizes
     snce_loss(logits, latents, codebook, tau, metric, mask, ...)          on materialised logits
     fused_linear_snce(hidden, weight, latents, codebook, tau, ...)       never builds (N, K) logits
+    fused_linear_snce_levels(hidden, weight, latents, codebooks, taus)   L residual levels, one call
     dissimilarity / nearest_code                                         the metric definitions,
                                                                          shared with tokenizer.py
+    compile_available(device)                        whether the fused chunk kernel can compile
 
-Benchmark (fwd+bwd median time and peak extra memory of six ways to compute the loss; one
-table on the CPU, then one on CUDA when present, with the same flags):
-    python snce.py                                   # N=4096 H=256 D=8 K=65536 fp32
-    python snce.py --device=cuda --dtype=bf16 --N=16384 --H=1024 --K=131072   # the GPU target
+Speed: each chunk of rows runs either the eager path (plain PyTorch ops, the readable reference)
+or the same computation as a torch.compile'd two-pass kernel (the default where a compiler is
+available; compile=False or SNCE_COMPILE=0 turn it off). The numbers agree to fp32 rounding.
+
+Benchmark: `python bench_snce.py` (bench_snce.py says what it measures).
 """
 
 import math
+import numbers
+import os
+import shutil
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +65,7 @@ CHUNK_BYTES = 128 * 2**20  # budget for one chunk's two (rows, K) fp32 scratch b
 
 
 # -----------------------------------------------------------------------------
-# the metric definitions (DESIGN.md section 2), one place for the whole repo
+# the metric definitions, one place for the whole repo
 
 
 def _check_metric(metric):
@@ -50,10 +73,17 @@ def _check_metric(metric):
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
+def _need_tensor(x, name, expected):
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {expected}, got {type(x).__name__}")
+
+
 def _check_codebook(latents, codebook):
-    if codebook.dim() != 2 or latents.shape[-1:] != codebook.shape[1:]:
-        raise ValueError(f"need latents (..., D) and codebook (K, D), got {tuple(latents.shape)} "
-                         f"and {tuple(codebook.shape)}")
+    _need_tensor(latents, "latents", "(..., D)")
+    _need_tensor(codebook, "codebook", "(K, D)")
+    if codebook.dim() != 2 or latents.shape[-1:] != codebook.shape[1:] or codebook.shape[0] == 0:
+        raise ValueError(f"need latents (..., D) and codebook (K, D) with K >= 1, got "
+                         f"{tuple(latents.shape)} and {tuple(codebook.shape)}")
 
 
 def _acc_dtype(x):
@@ -86,6 +116,10 @@ def _teacher(codebook, tau, metric):
     tau == 0 -> scale 1 (only the argmax is used then). fp32, or fp64 for fp64 codebooks."""
     c = codebook.detach().to(_acc_dtype(codebook))
     inv = 1.0 / tau if tau > 0 else 1.0
+    if inv > torch.finfo(c.dtype).max:
+        raise ValueError(f"tau = {tau!r} is too small: 1 / tau overflows {c.dtype}; use tau >= "
+                         f"{1 / torch.finfo(c.dtype).max:.1e}, or tau = 0 (hard CE on the nearest "
+                         f"code, which is what so small a tau computes)")
     if metric == "l2":
         return torch.cat([c * (2 * inv), (c * c).sum(-1, keepdim=True) * -inv], 1)
     return (c if metric == "dot" else _unit(c)) * inv
@@ -97,6 +131,15 @@ def _prep(latents, metric, dtype):
     if metric == "l2":
         return torch.cat([z, z.new_ones(*z.shape[:-1], 1)], -1)
     return _unit(z) if metric == "cos" else z
+
+
+def _check_teacher_range(z, A, tau):
+    """The target logits z @ A^T must not overflow: |t| <= D' max|z| max|A| < dtype max / 4."""
+    bound = z.shape[-1] * float(z.abs().max()) * float(A.abs().max()) if z.numel() else 0.0
+    if not bound < torch.finfo(A.dtype).max / 4:
+        raise ValueError(f"tau = {tau!r} is too small for these latents and codebook: the target "
+                         f"logits -d / tau reach ~{bound:.1e}, beyond {A.dtype}; use a larger tau, "
+                         f"or tau = 0 (hard CE on the nearest code, which is what it computes)")
 
 
 def _teacher_logits(z, A, out=None):
@@ -112,7 +155,7 @@ def nearest_code(latents, codebook, metric="l2", chunk_size=None):
     dtype = _acc_dtype(latents)
     A = _teacher(codebook.to(dtype), 0.0, metric)
     z = _prep(latents.reshape(-1, D), metric, dtype)
-    n = chunk_size or _default_chunk(K)
+    n = _check_chunk(chunk_size) or _default_chunk(K)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     for i in range(0, z.shape[0], n):   # max(1).indices: 3x faster than argmax(1) on CPU
         out[i:i + n] = _teacher_logits(z[i:i + n], A).max(1).indices
@@ -126,16 +169,37 @@ def _default_chunk(K, extra_bytes_per_row=0):
 
 
 # -----------------------------------------------------------------------------
-# input checks: bad input gets a clear error (DESIGN.md section 4)
+# input checks: bad input gets a clear error
+
+
+def _as_tau(tau):
+    """A python float from a number, numpy scalar or 0-d tensor (never differentiated)."""
+    if isinstance(tau, torch.Tensor) or type(tau).__module__ == "numpy":
+        if getattr(tau, "ndim", None) != 0:
+            raise ValueError(f"tau must be a number or a 0-d tensor / numpy scalar, got shape "
+                             f"{tuple(tau.shape)}")
+        tau = tau.item()
+    if not (isinstance(tau, numbers.Real) and not isinstance(tau, bool)
+            and math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    return float(tau)
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, "
+                         f"got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def _check(latents, codebook, tau, metric, reduction, rows_shape, K, what, targets):
     _check_metric(metric)
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if targets is not None:
+        _need_tensor(targets, "targets", f"of codes, shape {tuple(rows_shape)}")
         if targets.shape != rows_shape:
             raise ValueError(f"targets must have shape {tuple(rows_shape)} ({what}'s leading "
                              f"dims), got {tuple(targets.shape)}")
@@ -143,6 +207,8 @@ def _check(latents, codebook, tau, metric, reduction, rows_shape, K, what, targe
             return
     if latents is None or codebook is None:
         raise ValueError("latents and codebook are required unless hard targets are given")
+    _need_tensor(latents, "latents", "(..., D)")
+    _need_tensor(codebook, "codebook", "(K, D)")
     if codebook.dim() != 2 or codebook.shape[0] != K:
         raise ValueError(f"codebook must be (K, D) with K = {K} (the last dim of {what}), "
                          f"got {tuple(codebook.shape)}")
@@ -152,16 +218,103 @@ def _check(latents, codebook, tau, metric, reduction, rows_shape, K, what, targe
                          f"codebook's D), got {tuple(latents.shape)}")
     if not torch.isfinite(latents).all():
         raise ValueError("latents contain NaN or inf")
+    if not torch.isfinite(codebook).all():
+        raise ValueError("codebook contains NaN or inf")
 
 
 def _rows(mask, rows_shape, device):
     """Indices of the rows that count (None = all of them). mask (...) bool, True = counts."""
     if mask is None:
         return None
-    if mask.shape != rows_shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(rows_shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if (not isinstance(mask, torch.Tensor) or mask.shape != rows_shape
+            or mask.dtype != torch.bool):
+        got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+               else type(mask).__name__)
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(rows_shape)}, got {got}")
     return mask.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+# -----------------------------------------------------------------------------
+# the fused chunk kernel: one chunk's loss rows and (p - q) * scale in two compiled passes
+#
+# Eager PyTorch spends about eight passes over each (c, K) block on the soft targets (max,
+# shift, threshold, exp, sum, the q.s dot, p - q). torch.compile (inductor: C++/OpenMP on the
+# CPU, Triton on a GPU) fuses them into two kernels: _soft_stats (row maxima, then the three row
+# sums, leaving exp(s - m) and the unnormalised q in the buffers) and _soft_grad (one pointwise
+# pass writing dL/ds over s, with no exp). The teacher logits t come from one (c, D') @ (D', K)
+# matmul into a scratch buffer: computing them inside the fused pass instead re-reads the whole
+# (D', K) teacher for every row (inductor does not tile rows) and measured slower on the CPU.
+# The row count is marked dynamic, so each kernel compiles once per (K, dtype, device) family
+# whatever the chunk lengths (the last chunk, masked rows). First call: seconds of compilation
+# (inductor caches the result on disk for later processes). Any compile failure falls back to
+# the eager path with a warning.
+
+
+def _soft_stats(s, t):
+    """s, t (c, K) -> sum exp(s - m), sum q~, loss rows (all (c, 1)); leaves exp(s - m) in s
+    and q~ = exp(t - max t) in t, zeroed below e^-60 (exactly 0 at fp32, no slow denormals)."""
+    m = s.amax(1, keepdim=True)
+    d = t - t.amax(1, keepdim=True)
+    e = torch.exp(s - m)
+    qt = torch.where(d < -60, 0.0, torch.exp(d))
+    ssum = e.sum(1, keepdim=True)
+    tsum = qt.sum(1, keepdim=True)
+    qs = (qt * (s - m)).sum(1, keepdim=True) / tsum     # sum_k q_k (s_k - m)
+    s.copy_(e)
+    t.copy_(qt)
+    return ssum, tsum, torch.log(ssum) - qs             # Eq. 8: logsumexp(s) - sum_k q_k s_k
+
+
+def _soft_grad(s, t, ssum, tsum, scale):
+    """s <- (p - q) * scale (Eq. 11), in place: (c, K), from _soft_stats' exp(s - m) and q~."""
+    s.copy_(s * (scale / ssum) - t * (scale / tsum))
+
+
+_COMPILED = {}          # plain function -> its torch.compile'd form, or None after a failure
+
+
+def compile_available(device):
+    """Whether the fused chunk kernel can be compiled for this device: not without a C++
+    compiler (CPU inductor needs one) or Triton (CUDA). Without it the loss runs the eager path,
+    which computes the same numbers."""
+    if torch.device(device).type == "cpu":
+        cxx = os.environ.get("CXX")
+        return any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "c++", "clang++"]))
+    if torch.device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+        return has_triton()
+    return False
+
+
+def _compiled(fn, *args):
+    """fn(*args) through its compiled form, or False when compilation failed (then eager)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    if _COMPILED[fn] is None:
+        return False
+    for a in args:      # rows dynamic: one kernel for every chunk length, the tail included
+        torch._dynamo.maybe_mark_dynamic(a, 0)
+    try:
+        return _COMPILED[fn](*args)
+    except Exception as e:   # noqa: BLE001  an inductor bug or a missing toolchain: eager works
+        warnings.warn(f"snce: torch.compile of {fn.__name__} failed ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using the eager path")
+        _COMPILED[fn] = None
+        return False
+
+
+def _use_compile(compile, device):
+    """compile None: on unless the environment says SNCE_COMPILE=0 or compile_available says
+    no; True: on (an error if unavailable); False: the eager path."""
+    if compile is None:
+        return os.environ.get("SNCE_COMPILE", "1") != "0" and compile_available(device)
+    if compile not in (True, False):
+        raise ValueError(f"compile must be None, True or False, got {compile!r}")
+    if compile and not compile_available(device):
+        raise ValueError("compile=True, but torch.compile cannot run here (no C++ compiler for "
+                         "the CPU, or no Triton for CUDA); pass compile=None to fall back to the "
+                         "eager path")
+    return compile
 
 
 # -----------------------------------------------------------------------------
@@ -180,6 +333,7 @@ class _Targets:
                              f"tau = {tau}")
         self.eps = float(label_smoothing)
         self.soft = tau > 0
+        self.fast = False          # True: the compiled chunk kernel, False: the eager path
         if targets is not None:
             if tau > 0:
                 raise ValueError("targets (hard codes) are only used with tau == 0, got tau "
@@ -194,6 +348,7 @@ class _Targets:
         elif self.soft:
             self.A = _teacher(codebook.to(dtype), tau, metric)
             self.z = _prep(latents.reshape(-1, codebook.shape[1]), metric, dtype)
+            _check_teacher_range(self.z, self.A, tau)
         else:  # tau == 0: hard target = the nearest code
             self.target = nearest_code(latents, codebook, metric).reshape(-1)
 
@@ -201,6 +356,10 @@ class _Targets:
         """s (c, K) logits in fp32/fp64, a scratch buffer we own: on return it holds
         (p - q) * scale (Eq. 11) when scale (c, 1) is given. Returns loss rows (c,)
         = logsumexp(s) - sum_k q_k s_k, i.e. -sum_k q_k log p_k (Eq. 8)."""
+        if self.soft and self.fast:
+            out = self._fused(s, rows, tbuf, scale)
+            if out is not None:
+                return out
         s.sub_(s.amax(1, keepdim=True))                   # stable softmax; the shift cancels
         if self.soft:
             t = _teacher_logits(self.z[rows], self.A, out=tbuf[:s.shape[0]])  # (c, K)
@@ -227,6 +386,17 @@ class _Targets:
                 s.scatter_add_(1, tgt, -(1 - self.eps) * scale)
         return loss.view(-1)
 
+    def _fused(self, s, rows, tbuf, scale):
+        """The same as the eager soft path, through the compiled kernel (None if it failed)."""
+        t = _teacher_logits(self.z[rows], self.A, out=tbuf[:s.shape[0]])   # (c, K)
+        stats = _compiled(_soft_stats, s, t)
+        if stats is False:
+            return None
+        if scale is not None and _compiled(_soft_grad, s, t, *stats[:2], scale) is False:
+            raise RuntimeError("snce: the compiled gradient pass failed after the compiled "
+                               "loss pass worked; rerun with SNCE_COMPILE=0")
+        return stats[2].view(-1)
+
 
 def _rowdot(a, b):
     """(c, K), (c, K) -> (c, 1) row-wise dot products with no (c, K) temporary. On the CPU one
@@ -244,12 +414,17 @@ def _chunks(n_rows, idx, chunk_size):
     return [rows for rows in idx.split(chunk_size) if len(rows)]
 
 
-def _row_scale(reduction, n_counted, grad_rows, rows, like):
-    """(c, 1) factor dL_total / dL_row of each row in the chunk."""
-    if reduction == "none":
-        return grad_rows[rows].to(like.dtype).view(-1, 1)
-    w = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
-    return torch.full((like.shape[0], 1), w, dtype=like.dtype, device=like.device)
+def _row_scale(row_scale, level, rows, like):
+    """(c, 1) factor dL_total / dL_row of each row in the chunk: row_scale is a list of one
+    number per level (every row of the level alike) or an (M, L) tensor (one per row)."""
+    if isinstance(row_scale, torch.Tensor):
+        return row_scale[:, level][rows].to(like.dtype).reshape(-1, 1).contiguous()
+    return torch.full((like.shape[0], 1), row_scale[level], dtype=like.dtype, device=like.device)
+
+
+def _level_scales(reduction, ns):
+    """dL_level / dL_row for 'sum' (1) or 'mean' (1 / counted rows) of each level."""
+    return [1.0 / max(n, 1) if reduction == "mean" else 1.0 for n in ns]
 
 
 def _reduce(loss_rows, reduction, n_counted, idx, n_rows):
@@ -269,6 +444,17 @@ def _n(rows):
     return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
+def _grad_output_scales(go, reduction, ns, n_rows):
+    """Backward's grad_output go: (L,) for 'sum'/'mean', (M, L) for 'none'. Returns one number
+    when every row's dL/dloss_row is that number times the forward's row scale (the gradients
+    computed in forward only need scaling), else the (M, L) per-row scales to recompute with."""
+    if reduction == "none":
+        return go
+    if go.numel() == 1 or bool((go == go.reshape(-1)[0]).all()):
+        return go.reshape(-1)[0]
+    return (go.reshape(1, -1) * go.new_tensor(_level_scales(reduction, ns))).expand(n_rows, -1)
+
+
 # -----------------------------------------------------------------------------
 # snce_loss: on materialised logits (N, K), chunked over rows
 
@@ -281,8 +467,9 @@ class _SNCELoss(torch.autograd.Function):
         n = N if idx is None else idx.numel()
         keep = ctx.needs_input_grad[0] and reduction != "none"   # dL/ds is final: keep it
         grad = (torch.empty_like if idx is None else torch.zeros_like)(logits) if keep else None
-        loss_rows = _snce_pass(logits, tg, idx, chunk_size, reduction, n, None, grad)
-        ctx.tg, ctx.chunk_size, ctx.reduction, ctx.n = tg, chunk_size, reduction, n
+        loss_rows = _snce_pass(logits, tg, idx, chunk_size,
+                               _level_scales(reduction, [n]) if keep else None, grad)
+        ctx.tg, ctx.chunk_size, ctx.reduction = tg, chunk_size, reduction
         ctx.save_for_backward(logits if not keep else grad, idx)
         return _reduce(loss_rows, reduction, n, idx, N)
 
@@ -293,20 +480,21 @@ class _SNCELoss(torch.autograd.Function):
         if ctx.reduction != "none":
             return saved * go.to(saved.dtype), None, None, None, None
         grad = torch.zeros_like(saved)  # per-row grad_output: recompute chunk by chunk
-        _snce_pass(saved, ctx.tg, idx, ctx.chunk_size, "none", ctx.n, go.reshape(-1), grad)
+        _snce_pass(saved, ctx.tg, idx, ctx.chunk_size, go.reshape(-1, 1), grad)
         return grad, None, None, None, None
 
 
-def _snce_pass(logits, tg, idx, chunk_size, reduction, n, grad_rows, grad):
+def _snce_pass(logits, tg, idx, chunk_size, row_scale, grad):
     """Loss rows of the counted rows; writes (p - q) * dL/dloss_row into grad when given."""
     dtype = _acc_dtype(logits)
+    n = logits.shape[0] if idx is None else idx.numel()
     sbuf = logits.new_empty((min(chunk_size, n), logits.shape[1]), dtype=dtype)
     tbuf = torch.empty_like(sbuf) if tg.soft else None
     losses = [logits.new_zeros(0, dtype=dtype)]
     for rows in _chunks(logits.shape[0], idx, chunk_size):
         s = sbuf[:_n(rows)]
         s.copy_(logits[rows])
-        scale = _row_scale(reduction, n, grad_rows, rows, s) if grad is not None else None
+        scale = _row_scale(row_scale, 0, rows, s) if grad is not None else None
         losses.append(tg.loss_and_grad(s, rows, tbuf, scale))
         if grad is not None:
             grad[rows] = s
@@ -314,142 +502,235 @@ def _snce_pass(logits, tg, idx, chunk_size, reduction, n, grad_rows, grad):
 
 
 def snce_loss(logits, latents, codebook, tau=1.0, metric="l2", mask=None, chunk_size=None,
-              reduction="mean", targets=None, label_smoothing=0.0):
+              reduction="mean", targets=None, label_smoothing=0.0, compile=None):
     """SNCE (Eq. 8) of logits (..., K) against q(k | z) of latents (..., D) and codebook (K, D).
 
     mask (...) bool, True = the row counts (MaskGIT's masked positions, Eq. 15).
     tau == 0: hard CE on the nearest code, or on `targets` (...) when given (then latents and
     codebook may be None); label_smoothing > 0 with tau == 0 is the paper's LS baseline.
+    tau: a number, numpy scalar or 0-d tensor (not differentiated).
     Chunked over rows: holds at most two (chunk_size, K) fp32 buffers besides dL/dlogits.
+    compile: None = the fused compiled chunk kernel when available (compile_available), True =
+    require it, False = the eager path. Same numbers either way (fp32 rounding aside).
     Returns an fp32 loss (fp64 for fp64 logits); 'none' gives (...) with 0 on uncounted rows."""
+    _need_tensor(logits, "logits", "(..., K)")
     K, rows_shape = logits.shape[-1], logits.shape[:-1]
+    if logits.dim() < 1 or K == 0:
+        raise ValueError(f"logits must be (..., K) with K >= 1 codes, got {tuple(logits.shape)}")
+    tau, chunk_size = _as_tau(tau), _check_chunk(chunk_size)
     _check(latents, codebook, tau, metric, reduction, rows_shape, K, "logits", targets)
     idx = _rows(mask, rows_shape, logits.device)
     with torch.autocast(logits.device.type, enabled=False):
         tg = _Targets(latents, codebook, tau, metric, targets, label_smoothing, K, _acc_dtype(logits))
-        args = (logits.reshape(-1, K), tg, idx, chunk_size or _default_chunk(K), reduction)
+        chunk_size = chunk_size or _default_chunk(K)
+        tg.fast = _use_compile(compile, logits.device)
+        args = (logits.reshape(-1, K), tg, idx, chunk_size, reduction)
         if torch.is_grad_enabled() and logits.requires_grad:
             loss = _SNCELoss.apply(*args)
         else:   # eval: the loss only (a Function would compute dL/dlogits regardless)
-            n = len(logits.reshape(-1, K)) if idx is None else idx.numel()
-            loss = _reduce(_snce_pass(*args, n, None, None), reduction, n, idx, rows_shape.numel())
+            n = len(args[0]) if idx is None else idx.numel()
+            loss = _reduce(_snce_pass(*args[:4], None, None), reduction, n, idx, rows_shape.numel())
     return loss.view(rows_shape) if reduction == "none" else loss
 
 
 # -----------------------------------------------------------------------------
-# fused_linear_snce: hidden (N, H) @ weight (K, H)^T + SNCE, without the (N, K) logits
+# fused_linear_snce: hidden (N, H) @ weight (K, H)^T + SNCE, without the (N, K) logits;
+# fused_linear_snce_levels: the same for L residual levels in one call (one grad_weight)
 
 
 class _FusedLinearSNCE(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tg, idx, chunk_size, reduction):
-        N = hidden.shape[0]
-        n = N if idx is None else idx.numel()
+    def forward(ctx, hidden, weight, bias, tgs, idxs, chunk_size, reduction):
+        M, L, _ = hidden.shape
+        ns = [M if i is None else i.numel() for i in idxs]
         needs = ctx.needs_input_grad[:3]
-        now = any(needs) and reduction != "none"   # grad_output is a scalar: do it all now
-        loss_rows, grads = _fused_pass(hidden, weight, bias, tg, idx, chunk_size, reduction, n,
-                                       None, needs if now else (False,) * 3)
-        ctx.tg, ctx.chunk_size, ctx.reduction, ctx.n = tg, chunk_size, reduction, n
-        if now:
-            ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        else:
-            ctx.save_for_backward(hidden, weight, bias, idx)
-        return _reduce(loss_rows, reduction, n, idx, N)
+        now = any(needs) and reduction != "none"   # grad_output is per level: do it all now
+        loss_rows, grads = _fused_pass(hidden, weight, bias, tgs, idxs, chunk_size,
+                                       _level_scales(reduction, ns) if now else None,
+                                       needs if now else (False,) * 3)
+        ctx.tgs, ctx.idxs, ctx.chunk_size, ctx.reduction, ctx.ns, ctx.now = (
+            tgs, idxs, chunk_size, reduction, ns, now)
+        ctx.save_for_backward(hidden, weight, bias, *grads)
+        return _reduce_levels(loss_rows, reduction, ns, idxs, M)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
+        hidden, weight, bias, *grads = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        if ctx.reduction != "none":   # the grads were computed in forward: only scale them
-            grads = [g * go.to(g.dtype) if need else None
-                     for g, need in zip(ctx.saved_tensors, needs)]
-        else:                         # per-row grad_output: one more pass, scaled per row
-            hidden, weight, bias, idx = ctx.saved_tensors
-            _, grads = _fused_pass(hidden, weight, bias, ctx.tg, idx, ctx.chunk_size, "none",
-                                   ctx.n, go.reshape(-1), needs)
+        scales = _grad_output_scales(go, ctx.reduction, ctx.ns, hidden.shape[0])
+        if ctx.now and scales.dim() == 0:   # the grads were computed in forward: scale them
+            grads = [g * scales.to(g.dtype) if need else None for g, need in zip(grads, needs)]
+        else:                               # per-row / per-level grad_output: one more pass
+            _, grads = _fused_pass(hidden, weight, bias, ctx.tgs, ctx.idxs, ctx.chunk_size,
+                                   scales, needs)
         return (*grads, None, None, None, None)
 
 
-def _fused_pass(hidden, weight, bias, tg, idx, chunk_size, reduction, n, grad_rows, needs):
-    """One sweep over the counted rows in chunks: per chunk the logits (c, K), the loss rows,
-    and (p - q) * row scale turned straight into grad_hidden (c, H) = g @ W and accumulated
-    grad_weight (K, H) += g^T @ h, grad_bias (K,) += sum_c g. Matmuls run in hidden's dtype
+def _reduce_levels(loss_rows, reduction, ns, idxs, M):
+    """(L,) per-level sums / means, or (M, L) per-row losses for 'none'."""
+    out = [_reduce(r, reduction, n, i, M) for r, n, i in zip(loss_rows, ns, idxs)]
+    return torch.stack(out, -1)
+
+
+def _fused_pass(hidden, weight, bias, tgs, idxs, chunk_size, row_scale, needs):
+    """One sweep over each level's counted rows in chunks (hidden (M, L, H), level l's rows are
+    hidden[:, l]): per chunk the logits (c, K), the loss rows, and (p - q) * row scale turned
+    straight into grad_hidden (c, H) = g @ W and accumulated into the one grad_weight (K, H) +=
+    g^T @ h, grad_bias (K,) += sum_c g shared by all levels. Matmuls run in hidden's dtype
     (bf16 tensor cores on GPU); softmax, q and the weight/bias sums are fp32 (fp64 for fp64)."""
-    N, H = hidden.shape
+    M, L, H = hidden.shape
     K = weight.shape[0]
     dtype, low = _acc_dtype(hidden), hidden.dtype not in (torch.float32, torch.float64)
     w = weight.to(hidden.dtype)
     b = None if bias is None else bias.to(dtype)
-    gh = (torch.empty_like if idx is None else torch.zeros_like)(hidden) if needs[0] else None
+    zeros = any(i is not None for i in idxs)
+    gh = (torch.zeros_like if zeros else torch.empty_like)(hidden) if needs[0] else None
     gw = weight.new_zeros((K, H), dtype=dtype) if needs[1] else None
     gb = weight.new_zeros(K, dtype=dtype) if bias is not None and needs[2] else None
-    sbuf = hidden.new_empty((min(chunk_size, n), K), dtype=dtype)
-    tbuf = torch.empty_like(sbuf) if tg.soft else None
-    losses = [hidden.new_zeros(0, dtype=dtype)]
-    for rows in _chunks(N, idx, chunk_size):
-        h = hidden[rows]                                            # (c, H)
-        s = sbuf[:_n(rows)]
-        if low:
-            s.copy_(h @ w.t())
-        else:
-            torch.mm(h, w.t(), out=s)
-        if b is not None:
-            s.add_(b)
-        scale = _row_scale(reduction, n, grad_rows, rows, s) if any(needs) else None
-        losses.append(tg.loss_and_grad(s, rows, tbuf, scale))
-        if not any(needs):
-            continue
-        g = s.to(hidden.dtype) if low else s                        # (c, K) = dL/ds
-        if gh is not None:
-            gh[rows] = g @ w
-        if gw is not None:
+    n_max = max(M if i is None else i.numel() for i in idxs)
+    sbuf = hidden.new_empty((min(chunk_size, n_max), K), dtype=dtype)
+    tbuf = torch.empty_like(sbuf) if any(tg.soft for tg in tgs) else None
+    losses = []
+    for l, (tg, idx) in enumerate(zip(tgs, idxs)):
+        hid, level_losses = hidden[:, l], [hidden.new_zeros(0, dtype=dtype)]
+        for rows in _chunks(M, idx, chunk_size):
+            h = hid[rows]                                               # (c, H)
+            s = sbuf[:_n(rows)]
             if low:
-                gw.add_(g.t() @ h)
+                s.copy_(h @ w.t())
             else:
-                gw.addmm_(g.t(), h)
-        if gb is not None:
-            gb.add_(s.sum(0))
+                torch.mm(h, w.t(), out=s)
+            if b is not None:
+                s.add_(b)
+            scale = _row_scale(row_scale, l, rows, s) if any(needs) else None
+            level_losses.append(tg.loss_and_grad(s, rows, tbuf, scale))
+            if not any(needs):
+                continue
+            g = s.to(hidden.dtype) if low else s                        # (c, K) = dL/ds
+            if gh is not None:
+                gh[:, l][rows] = g @ w
+            if gw is not None:
+                if low:
+                    gw.add_(g.t() @ h)
+                else:
+                    gw.addmm_(g.t(), h)
+            if gb is not None:
+                gb.add_(s.sum(0))
+        losses.append(torch.cat(level_losses))
     grads = (gh, None if gw is None else gw.to(weight.dtype),
              None if gb is None else gb.to(bias.dtype))
-    return torch.cat(losses), grads
+    return losses, grads
 
 
-def fused_linear_snce(hidden, weight, latents, codebook, tau=1.0, metric="l2", bias=None,
-                      mask=None, chunk_size=None, reduction="mean", targets=None,
-                      label_smoothing=0.0):
-    """SNCE of the logits hidden (..., H) @ weight (K, H)^T + bias, never materialising them.
+def fused_linear_snce_levels(hidden, weight, latents, codebooks, taus, metric="l2", bias=None,
+                             mask=None, chunk_size=None, reduction="sum", targets=None,
+                             label_smoothing=0.0, compile=None):
+    """SNCE of L levels' logits hidden[..., l, :] @ weight (K, H)^T + bias in one call, with
+    one fp32 grad_weight accumulator for all levels (a per-level call holds one each).
 
-    Same targets, mask, reduction and tau == 0 / targets / label_smoothing semantics as
-    snce_loss. Peak extra memory is O(chunk_size x K) plus the fp32 grad_weight accumulator:
-    forward computes the gradients chunk by chunk (dL/ds = p - q, Eq. 11) and backward only
-    scales them by grad_output ('none' recomputes instead, since each row has its own scale)."""
-    H, rows_shape = hidden.shape[-1], hidden.shape[:-1]
-    if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must be (K, H) with H = {H} (hidden's last dim), "
+    hidden (..., L, H); latents (..., L, D) with codebooks (L, K, D) (or one shared (K, D)) and
+    taus (L numbers, or one): level l's rows get q from latents[..., l, :] against codebooks[l]
+    at taus[l]; or, with taus == 0, targets (..., L) hard codes and label_smoothing. mask
+    (..., L) bool. Returns the (L,) per-level sums ('sum') or means over counted rows ('mean'),
+    or (..., L) per-row losses ('none'). Same semantics per level as fused_linear_snce."""
+    _need_tensor(hidden, "hidden", "(..., L, H)")
+    _need_tensor(weight, "weight", "(K, H)")
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., L, H), got {tuple(hidden.shape)}")
+    L, H, rows_shape = hidden.shape[-2], hidden.shape[-1], hidden.shape[:-2]
+    M = rows_shape.numel()
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight must be (K, H) with K >= 1 and H = {H} (hidden's last dim), "
                          f"got {tuple(weight.shape)}")
     K = weight.shape[0]
-    if bias is not None and bias.shape != (K,):
-        raise ValueError(f"bias must be ({K},), got {tuple(bias.shape)}")
-    _check(latents, codebook, tau, metric, reduction, rows_shape, K, "weight", targets)
-    idx = _rows(mask, rows_shape, hidden.device)
+    if bias is not None:
+        _need_tensor(bias, "bias", f"({K},)")
+        if bias.shape != (K,):
+            raise ValueError(f"bias must be ({K},), got {tuple(bias.shape)}")
+    if isinstance(taus, torch.Tensor) and taus.dim() == 1:
+        taus = taus.tolist()
+    taus = [_as_tau(t) for t in (taus if isinstance(taus, (list, tuple)) else [taus] * L)]
+    if len(taus) != L:
+        raise ValueError(f"taus must be one number or L = {L} of them (hidden's dim -2), "
+                         f"got {len(taus)}")
+    chunk_size = _check_chunk(chunk_size)
+
+    def level(x, name, trail):      # x (..., L, *trail) -> L views (M, *trail), or Nones
+        if x is None:
+            return [None] * L
+        _need_tensor(x, name, f"(..., {L}{', ...' * trail})")
+        if x.dim() < 1 + trail or x.shape[-1 - trail] != L:
+            raise ValueError(f"{name} must have the levels at dim {-1 - trail} like hidden "
+                             f"(..., L = {L}, H), got {tuple(x.shape)}")
+        return [x[(..., l) + (slice(None),) * trail] for l in range(L)]
+
+    if codebooks is None or (isinstance(codebooks, torch.Tensor) and codebooks.dim() == 2):
+        cbs = [codebooks] * L                                   # one shared (K, D), or hard
+    elif isinstance(codebooks, torch.Tensor) and codebooks.dim() == 3 and len(codebooks) == L:
+        cbs = list(codebooks)
+    else:
+        _need_tensor(codebooks, "codebooks", f"({L}, K, D)")
+        raise ValueError(f"codebooks must be (L = {L}, K, D) or one shared (K, D), "
+                         f"got {tuple(codebooks.shape)}")
+    zs, tgts, masks = level(latents, "latents", 1), level(targets, "targets", 0), level(mask, "mask", 0)
+    for l in range(L):
+        _check(zs[l], cbs[l], taus[l], metric, reduction, rows_shape, K, "weight", tgts[l])
+    idxs = [_rows(m, rows_shape, hidden.device) for m in masks]
+    fast = _use_compile(compile, hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
-        tg = _Targets(latents, codebook, tau, metric, targets, label_smoothing, K, _acc_dtype(hidden))
-        args = (hidden.reshape(-1, H), weight, bias, tg, idx, chunk_size or _default_chunk(K, 4 * H),
-                reduction)
+        tgs = [_Targets(zs[l], cbs[l], taus[l], metric, tgts[l], label_smoothing, K,
+                        _acc_dtype(hidden)) for l in range(L)]
+        chunk_size = chunk_size or _default_chunk(K, 4 * H)
+        for tg in tgs:
+            tg.fast = fast
+        args = (hidden.reshape(M, L, H), weight, bias, tgs, idxs, chunk_size, reduction)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (hidden, weight, bias)):
             loss = _FusedLinearSNCE.apply(*args)
         else:   # eval: one matmul per chunk, no gradient work
-            n = args[0].shape[0] if idx is None else idx.numel()
-            loss_rows, _ = _fused_pass(*args, n, None, (False,) * 3)
-            loss = _reduce(loss_rows, reduction, n, idx, rows_shape.numel())
-    return loss.view(rows_shape) if reduction == "none" else loss
+            ns = [M if i is None else i.numel() for i in idxs]
+            loss_rows, _ = _fused_pass(*args[:6], None, (False,) * 3)
+            loss = _reduce_levels(loss_rows, reduction, ns, idxs, M)
+    return loss.view(*rows_shape, L) if reduction == "none" else loss
+
+
+def fused_linear_snce(hidden, weight, latents, codebook, tau=1.0, metric="l2", bias=None,
+                      mask=None, chunk_size=None, reduction="mean", targets=None,
+                      label_smoothing=0.0, compile=None):
+    """SNCE of the logits hidden (..., H) @ weight (K, H)^T + bias, never materialising them.
+
+    Same targets, mask, reduction, tau == 0 / targets / label_smoothing and compile semantics
+    as snce_loss. Peak extra memory is O(chunk_size x K) plus the fp32 grad_weight accumulator:
+    forward computes the gradients chunk by chunk (dL/ds = p - q, Eq. 11) and backward only
+    scales them by grad_output ('none' recomputes instead, since each row has its own scale)."""
+    _need_tensor(hidden, "hidden", "(..., H)")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must be (..., H), got {tuple(hidden.shape)}")
+    if codebook is not None and (not isinstance(codebook, torch.Tensor) or codebook.dim() != 2):
+        _need_tensor(codebook, "codebook", "(K, D)")
+        raise ValueError(f"codebook must be (K, D), got {tuple(codebook.shape)}")
+
+    _rows(mask, hidden.shape[:-1], hidden.device)          # its own messages, before reshaping
+    for x, name, expected in ((latents, "latents", "(..., D)"), (targets, "targets", "(...)")):
+        if x is not None:
+            _need_tensor(x, name, expected)
+
+    def one_level(x, at):            # (..., *) -> (..., 1, *): a single level
+        return x.unsqueeze(at) if isinstance(x, torch.Tensor) else x
+
+    loss = fused_linear_snce_levels(
+        one_level(hidden, -2), weight, one_level(latents, -2), codebook, [tau], metric, bias,
+        one_level(mask, -1), chunk_size, reduction, one_level(targets, -1), label_smoothing,
+        compile)
+    return loss.squeeze(-1) if reduction == "none" else loss[0]
 
 
 def neighbor_probs(latents, codebook, tau=1.0, metric="l2"):
     """q(k | z) of Eq. 5, dense: (..., D), (K, D) -> (..., K). tau == 0 gives one-hot(argmin d)."""
-    K = codebook.shape[0]
+    _check_codebook(latents, codebook)
+    K, tau = codebook.shape[0], _as_tau(tau)
     _check(latents, codebook, tau, metric, "none", latents.shape[:-1], K, "codebook", None)
     dtype = _acc_dtype(latents)
     if tau == 0:
@@ -457,127 +738,5 @@ def neighbor_probs(latents, codebook, tau=1.0, metric="l2"):
         return torch.nn.functional.one_hot(code, K).to(dtype)
     A = _teacher(codebook.to(dtype), tau, metric)
     z = _prep(latents.reshape(-1, codebook.shape[1]), metric, dtype)
+    _check_teacher_range(z, A, tau)
     return _teacher_logits(z, A).softmax(-1).view(*latents.shape[:-1], K)
-
-
-# -----------------------------------------------------------------------------
-# benchmark: python snce.py [--device=cuda --dtype=bf16 --N= --H= --K= --D= --tau= --reps=]
-
-
-def _bench_methods(h, W, z, C, tau, metric, codes):
-    import torch.nn.functional as F
-
-    def ce():
-        return F.cross_entropy((h @ W.t()).float(), codes)
-
-    def naive():
-        q = neighbor_probs(z, C, tau, metric)
-        return -(q * (h @ W.t()).float().log_softmax(-1)).sum(-1).mean()
-
-    return {
-        "(1) linear + F.cross_entropy": ce,
-        "(2) naive dense SNCE": naive,
-        "(3) snce_loss(logits)": lambda: snce_loss(h @ W.t(), z, C, tau, metric),
-        "(4) fused_linear_snce": lambda: fused_linear_snce(h, W, z, C, tau, metric),
-        "(5) fused_linear_snce tau=0": lambda: fused_linear_snce(h, W, z, C, 0.0, metric),
-        "(6) fused_linear_snce, hard codes given": lambda: fused_linear_snce(
-            h, W, None, None, 0.0, targets=codes),
-    }
-
-
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM (peak resident set)
-        f.write("5")
-    return _proc_status("VmRSS")
-
-
-def _peak_read(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-
-
-def _bench(args):
-    import statistics
-    import time
-
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    N, H, K, D = args.N, args.H, args.K, args.D
-    C = torch.randn(K, D, generator=g)
-    codes = torch.randint(0, K, (N,), generator=g)
-    z = C[codes] + 0.3 * torch.randn(N, D, generator=g)   # latents near their codes
-    h = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
-    W = (0.02 * torch.randn(K, H, generator=g)).to(device, dtype).requires_grad_()
-    z, C, codes = z.to(device), C.to(device), nearest_code(z, C, args.metric).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rows, results = [], {}
-    for name, fn in _bench_methods(h, W, z, C, args.tau, args.metric, codes).items():
-        h.grad = W.grad = None
-        base = _peak_reset(device)
-        loss = fn()
-        loss.backward()
-        peak = _peak_read(device) - base
-        results[name] = (loss.detach().double(), h.grad.double(), W.grad.double())
-        times = []
-        for _ in range(args.reps):
-            h.grad = W.grad = None
-            sync()
-            t0 = time.perf_counter()
-            fn().backward()
-            sync()
-            times.append(time.perf_counter() - t0)
-        rows.append((name, statistics.median(times), peak))
-    t_ce, m_ce = rows[0][1], rows[0][2]
-    print(f"\nSNCE fwd+bwd on {device.type} ({torch.get_num_threads()} threads), {args.dtype}, "
-          f"N={N} H={H} K={K} D={D} tau={args.tau} metric={args.metric}, median of {args.reps}")
-    print("| method | fwd+bwd ms | x (1) | peak extra MB | KB/row | max abs err |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, t, peak in rows:
-        hard = name.startswith(("(5)", "(6)"))
-        ref = results[rows[0][0] if hard else rows[1][0]]
-        err = max((a - b).abs().max().item() for a, b in zip(results[name], ref))
-        err = "-" if name.startswith(("(1)", "(2)")) else f"{err:.1e}" + (" vs (1)" if hard else "")
-        print(f"| {name} | {1e3 * t:.0f} | {t / t_ce:.2f} | {peak / 2**20:.0f} | "
-              f"{peak / N / 1024:.1f} | {err} |")
-    t4, t5, t6, m4 = rows[3][1], rows[4][1], rows[5][1], rows[3][2]
-    print(f"\nfused vs (1): time {t4 / t_ce:.2f}x, peak extra memory {m4 / max(m_ce, 1):.3f}x; "
-          f"fused SNCE vs its own tau=0 path: {t4 / t5:.2f}x, vs hard codes given: {t4 / t6:.2f}x")
-
-
-if __name__ == "__main__":
-    import argparse
-    import os
-    import sys
-
-    p = argparse.ArgumentParser(description="benchmark the SNCE losses (fwd+bwd time, peak memory)")
-    p.add_argument("--N", type=int, default=4096)
-    p.add_argument("--H", type=int, default=256)
-    p.add_argument("--K", type=int, default=65536)
-    p.add_argument("--D", type=int, default=8)
-    p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--metric", default="l2", choices=METRICS)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default=None, help="default: cpu, then cuda when present")
-    p.add_argument("--reps", type=int, default=5)
-    args = p.parse_args()
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        # glibc keeps freed blocks < 32 MB in the heap, so the resident set would remember
-        # earlier methods' buffers; a fixed mmap threshold returns them, making VmHWM honest.
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    devices = [args.device] if args.device else ["cpu"] + ["cuda"] * torch.cuda.is_available()
-    for dev in devices:
-        args.device = dev
-        _bench(args)

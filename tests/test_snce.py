@@ -1,16 +1,27 @@
-"""snce.py against naive float64 references: values, gradients, masks, reductions, errors."""
+"""snce.py against naive float64 references: values, gradients, masks, reductions, errors;
+the compiled chunk kernel against the eager path and the references; the multi-level call
+against per-level calls. The eager path is the default here (SNCE_COMPILE=0): tests of the
+compiled kernel ask for it with compile=True and share a few shapes, so it compiles once."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from snce import (METRICS, dissimilarity, fused_linear_snce, nearest_code, neighbor_probs,
-                  snce_loss)
+from snce import (METRICS, compile_available, dissimilarity, fused_linear_snce,
+                  fused_linear_snce_levels, nearest_code, neighbor_probs, snce_loss)
 
 f64 = torch.float64
+needs_compiler = pytest.mark.skipif(not compile_available("cpu"),
+                                    reason="torch.compile needs a C++ compiler on the CPU")
 
 
-# --- naive references, written from the definitions in DESIGN.md section 2 -----------------
+@pytest.fixture(autouse=True)
+def eager_by_default(monkeypatch):
+    monkeypatch.setenv("SNCE_COMPILE", "0")
+
+
+# --- naive references, written from the definitions (snce.py docstring; paper Eq. 5, 7-8) ---
 
 def naive_d(z, C, metric):
     if metric == "l2":
@@ -103,7 +114,10 @@ def test_snce_loss_matches_dense(metric, reduction, masked, chunk_size):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_fused_matches_dense(metric, reduction, masked, use_bias):
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compiler)])
+def test_fused_matches_dense(metric, reduction, masked, use_bias, compile):
+    """Eager path and compiled chunk kernel; chunk sizes 1 and 4 over 15 rows (or the masked
+    ones) give full chunks and a shorter tail, None one chunk."""
     z, C, h, W, b, mask = problem()
     mask = mask if masked else None
     h, W, b = (t.clone().requires_grad_() for t in (h, W, b))
@@ -115,9 +129,11 @@ def test_fused_matches_dense(metric, reduction, masked, use_bias):
     want = grads(ref, params, w)
     for chunk_size in (None, 1, 4):
         got = fused_linear_snce(h, W, z, C, 0.7, metric, bias=bias, mask=mask,
-                                chunk_size=chunk_size, reduction=reduction)
+                                chunk_size=chunk_size, reduction=reduction, compile=compile)
         torch.testing.assert_close(got, ref)
         torch.testing.assert_close(grads(got, params, w), want)
+    if compile:
+        assert_compiled_ran()
 
 
 def test_gradient_is_p_minus_q():
@@ -233,6 +249,18 @@ def test_large_vocab_chunking_is_invariant():
     (dict(targets=torch.zeros(3, 5, dtype=torch.long)), "only used with tau == 0"),
     (dict(tau=0.0, label_smoothing=1.0), "label_smoothing must be in"),
     (dict(tau=1.0, label_smoothing=0.1), "it needs tau == 0"),
+    (dict(tau=torch.tensor([0.5, 0.5])), "tau must be a number or a 0-d tensor"),
+    (dict(tau="0.5"), "tau must be a finite number"),
+    (dict(tau=True), "tau must be a finite number"),
+    (dict(C=torch.full((11, 4), float("inf"), dtype=f64)), "codebook contains NaN or inf"),
+    (dict(C=torch.randn(11, 4, dtype=f64).index_fill_(0, torch.tensor([3]), float("nan"))),
+     "codebook contains NaN or inf"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(chunk_size=-4), "chunk_size must be a positive int"),
+    (dict(chunk_size=2.5), "chunk_size must be a positive int"),
+    (dict(mask=[[True] * 5] * 3), r"mask must be a bool tensor of shape \(3, 5\), got list"),
+    (dict(z=np.zeros((3, 5, 4))), "latents must be a torch.Tensor"),
+    (dict(targets=[0] * 15, tau=0.0, C=None, z=None), "targets must be a torch.Tensor"),
 ])
 def test_bad_input(kwargs, match):
     z, C, h, W, b, mask = problem()
@@ -245,7 +273,7 @@ def test_bad_input(kwargs, match):
 
 def test_bad_weight_and_bias_shapes():
     z, C, h, W, b, _ = problem()
-    with pytest.raises(ValueError, match=r"weight must be \(K, H\) with H = 6"):
+    with pytest.raises(ValueError, match=r"weight must be \(K, H\) with K >= 1 and H = 6"):
         fused_linear_snce(h, W[:, :5], z, C)
     with pytest.raises(ValueError, match=r"bias must be \(11,\)"):
         fused_linear_snce(h, W, z, C, bias=b[:3])
@@ -272,3 +300,166 @@ def test_metric_helpers_reject_bad_shapes():
         nearest_code(z[..., :3], C)
     with pytest.raises(ValueError, match="metric must be one of"):
         dissimilarity(z, C, "L2")
+
+
+def test_tau_as_tensor_or_numpy_scalar_is_a_number():
+    z, C, h, W, b, mask = problem()
+    want = fused_linear_snce(h, W, z, C, 0.5, mask=mask)
+    for tau in (torch.tensor(0.5), np.float32(0.5), np.float64(0.5), np.array(0.5)):
+        torch.testing.assert_close(fused_linear_snce(h, W, z, C, tau, mask=mask), want)
+        torch.testing.assert_close(snce_loss(h @ W.t(), z, C, tau, mask=mask), want)
+    torch.testing.assert_close(neighbor_probs(z, C, torch.tensor(0.5)), naive_q(z, C, 0.5, "l2"))
+
+
+def test_tiny_tau_is_an_error_in_fp32_and_cross_entropy_in_fp64():
+    """1 / tau overflowing (or the target logits -d / tau overflowing) used to give NaN."""
+    z, C, h, W, b, _ = problem(dtype=torch.float32)
+    for tau in (1e-39, 1e-37):
+        with pytest.raises(ValueError, match="too small"):
+            fused_linear_snce(h, W, z, C, tau)
+        with pytest.raises(ValueError, match="too small"):
+            snce_loss(h @ W.t(), z, C, tau)
+        with pytest.raises(ValueError, match="too small"):
+            neighbor_probs(z, C, tau)
+    z, C, h, W, b, _ = problem()    # fp64 holds 1 / 1e-300: q is one-hot, the loss is CE
+    code = naive_d(z, C, "l2").argmin(-1)
+    ref = F.cross_entropy((h @ W.t()).reshape(-1, 11), code.reshape(-1))
+    torch.testing.assert_close(fused_linear_snce(h, W, z, C, 1e-300), ref)
+
+
+def test_bad_logits_and_hidden():
+    z, C, h, W, b, _ = problem()
+    with pytest.raises(ValueError, match=r"logits must be a torch.Tensor \(..., K\), got ndarray"):
+        snce_loss((h @ W.t()).numpy(), z, C)
+    with pytest.raises(ValueError, match="K >= 1"):
+        snce_loss(torch.zeros(3, 5, 0, dtype=f64), z, C[:0])
+    with pytest.raises(ValueError, match="K >= 1"):
+        fused_linear_snce(h, W[:0], z, C[:0])
+    with pytest.raises(ValueError, match="hidden must be a torch.Tensor"):
+        fused_linear_snce(h.numpy(), W, z, C)
+    with pytest.raises(ValueError, match="weight must be a torch.Tensor"):
+        fused_linear_snce(h, W.numpy(), z, C)
+    with pytest.raises(ValueError, match="compile must be None, True or False"):
+        fused_linear_snce(h, W, z, C, compile="yes")
+    with pytest.raises(ValueError, match=r"need latents \(..., D\) and codebook \(K, D\) with K >= 1"):
+        nearest_code(z, C[:0])
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        nearest_code(z, C, chunk_size=0)
+
+
+# --- one call for L levels: one grad_weight accumulator ---------------------------------------
+
+def levels_problem(L=3, lead=(2, 5), K=11, D=4, H=6, dtype=f64):
+    g = torch.Generator().manual_seed(1)
+    hid = torch.randn(*lead, L, H, generator=g, dtype=dtype)
+    lat = torch.randn(*lead, L, D, generator=g, dtype=dtype)
+    cbs = torch.randn(L, K, D, generator=g, dtype=dtype)
+    W = torch.randn(K, H, generator=g, dtype=dtype)
+    b = torch.randn(K, generator=g, dtype=dtype)
+    mask = torch.rand(*lead, L, generator=g) < 0.6
+    codes = torch.randint(0, K, (*lead, L), generator=g)
+    return hid, lat, cbs, W, b, mask, codes
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("soft", [True, False])
+def test_levels_match_per_level_calls(reduction, soft):
+    hid, lat, cbs, W, b, mask, codes = levels_problem()
+    taus = [0.3, 0.7, 2.0] if soft else 0.0
+    params = [t.clone().requires_grad_() for t in (hid, W, b)]
+    h, W_, b_ = params
+    kw = dict(metric="cos", bias=b_, reduction=reduction, chunk_size=3)
+    if soft:
+        got = fused_linear_snce_levels(h, W_, lat, cbs, taus, mask=mask, **kw)
+        per = [fused_linear_snce(h[..., l, :], W_, lat[..., l, :], cbs[l], taus[l],
+                                 mask=mask[..., l], **kw) for l in range(3)]
+    else:
+        got = fused_linear_snce_levels(h, W_, None, None, taus, mask=mask, targets=codes,
+                                       label_smoothing=0.1, **kw)
+        per = [fused_linear_snce(h[..., l, :], W_, None, None, 0.0, mask=mask[..., l],
+                                 targets=codes[..., l], label_smoothing=0.1, **kw)
+               for l in range(3)]
+    want = torch.stack(per, -1)
+    torch.testing.assert_close(got, want)
+    # uniform weights (train.py's sum over levels) and per-level / per-row weights
+    for w in (torch.ones(got.shape, dtype=f64), torch.rand(got.shape, dtype=f64)):
+        torch.testing.assert_close(torch.autograd.grad((got * w).sum(), params, retain_graph=True),
+                                   torch.autograd.grad((want * w).sum(), params, retain_graph=True))
+
+
+def test_levels_shared_codebook_and_dense_reference():
+    hid, lat, cbs, W, b, mask, _ = levels_problem(L=2)
+    h, W_ = hid.clone().requires_grad_(), W.clone().requires_grad_()
+    got = fused_linear_snce_levels(h, W_, lat, cbs[0], 0.5, "l2", mask=mask, reduction="sum")
+    logits = h @ W_.t()
+    q = naive_q(lat, cbs[0], 0.5, "l2")
+    rows = -(q * logits.log_softmax(-1)).sum(-1) * mask
+    want = rows.sum((0, 1))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads(got.sum(), [h, W_]), grads(want.sum(), [h, W_]))
+    as_tensor = fused_linear_snce_levels(hid, W, lat, cbs[0], torch.tensor([0.5, 0.5]), "l2",
+                                         mask=mask, reduction="sum")
+    torch.testing.assert_close(as_tensor, want.detach())
+
+
+def test_levels_bad_input():
+    hid, lat, cbs, W, b, mask, codes = levels_problem()
+    with pytest.raises(ValueError, match="taus must be one number or L = 3"):
+        fused_linear_snce_levels(hid, W, lat, cbs, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"codebooks must be \(L = 3, K, D\)"):
+        fused_linear_snce_levels(hid, W, lat, cbs[:2], 0.5)
+    with pytest.raises(ValueError, match="latents must have the levels at dim -2"):
+        fused_linear_snce_levels(hid, W, lat[..., :2, :], cbs, 0.5)
+    with pytest.raises(ValueError, match="mask must have the levels at dim -1"):
+        fused_linear_snce_levels(hid, W, lat, cbs, 0.5, mask=mask[..., :2])
+
+
+# --- the compiled chunk kernel: the same numbers as the eager path and the references -------
+
+def assert_compiled_ran():
+    """The compiled passes exist and did not fall back to eager (which would match too)."""
+    import snce
+    assert snce._COMPILED.get(snce._soft_stats) is not None
+    assert snce._COMPILED.get(snce._soft_grad) is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_snce_loss_matches_dense(metric, reduction):
+    z, C, h, W, b, mask = problem()
+    logits = (h @ W.t()).requires_grad_()
+    ref = naive_loss(logits, naive_q(z, C, 0.7, metric), mask, reduction)
+    got = snce_loss(logits, z, C, 0.7, metric, mask=mask, chunk_size=4, reduction=reduction,
+                    compile=True)
+    torch.testing.assert_close(got, ref)
+    w = torch.rand(3, 5, dtype=f64) if reduction == "none" else None
+    torch.testing.assert_close(grads(got, [logits], w), grads(ref, [logits], w))
+    with torch.no_grad():
+        torch.testing.assert_close(snce_loss(logits, z, C, 0.7, metric, mask=mask, chunk_size=4,
+                                             reduction=reduction, compile=True), ref)
+
+
+@needs_compiler
+def test_compiled_levels_and_fp32_match_eager():
+    hid, lat, cbs, W, b, mask, _ = levels_problem(lead=(4, 16), K=300, H=16, dtype=torch.float32)
+    h, W_ = hid.clone().requires_grad_(), W.clone().requires_grad_()
+    out = []
+    for compile in (True, False):
+        loss = fused_linear_snce_levels(h, W_, lat, cbs, [0.2, 0.5, 1.0], "l2", mask=mask,
+                                        chunk_size=24, reduction="mean", compile=compile)
+        out.append((loss, *grads(loss.sum(), [h, W_])))
+    for a, b_ in zip(*out):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+    assert_compiled_ran()
+
+
+def test_compile_can_be_switched_off(monkeypatch):
+    """SNCE_COMPILE=0 (this file's default) and compile=False give the eager path: no
+    compiled function is created."""
+    import snce
+    monkeypatch.setattr(snce, "_COMPILED", {})
+    z, C, h, W, b, mask = problem()
+    fused_linear_snce(h, W, z, C, 0.5)
+    fused_linear_snce(h, W, z, C, 0.5, compile=False)
+    assert snce._COMPILED == {}
