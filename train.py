@@ -20,7 +20,7 @@ Generation"). Each token is a class over the K codes of its RQ level; per level 
         -sum_k q(k) log p(k) (Eq. 7-8), where r_l = z - sum_{j<l} C_j[t_j] is the residual level
         l quantized, rebuilt from the stored latents z and codes (tokenizer.residuals_from: a
         gather and an exclusive cumulative sum; no re-encoding), d the tokenizer's metric.
-Every objective goes through snce.fused_linear_snce, so (tokens x K) logits never exist. The
+Every objective goes through snce.fused_linear_snce_levels (all RQ levels in one call), so (tokens x K) logits never exist. The
 logged objective is the token mean over levels; the eval also logs the held-out hard-label NLL
 (the same number whatever the objective, so runs compare).
 
@@ -59,7 +59,7 @@ from common import (append_jsonl, batch_indices, check_choice, check_range, chec
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
                     save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
-from snce import METRICS, dissimilarity, fused_linear_snce
+from snce import METRICS, dissimilarity, fused_linear_snce_levels
 from tokenizer import Tokenizer, residuals_from
 
 # -----------------------------------------------------------------------------
@@ -322,19 +322,15 @@ def level_losses(hidden, codes, res, mask, kind=loss):
     hid, cod = hidden.view(B, -1, L, H), codes.view(B, -1, L)
     msk = None if mask is None else mask.view(B, -1, L)
     w, b = raw_model.head.weight, raw_model.head.bias   # under no_grad the loss does no grad work
-    sums = []
-    for l in range(L):
-        if kind == "snce":
-            kw = dict(latents=res.view(B, -1, L, D)[:, :, l], codebook=codebooks[l],
-                      tau=taus[l], metric=metric)
-        else:
-            kw = dict(latents=None, codebook=None, tau=0.0, targets=cod[:, :, l],
-                      label_smoothing=label_smoothing if kind == "ls" else 0.0)
-        sums.append(fused_linear_snce(hid[:, :, l], w, bias=b,
-                                      mask=None if msk is None else msk[:, :, l], reduction="sum", **kw))
+    if kind == "snce":  # one call for all levels: one fp32 grad_weight accumulator (K, H), not L
+        kw = dict(latents=res.view(B, -1, L, D), codebooks=codebooks, taus=taus, metric=metric)
+    else:
+        kw = dict(latents=None, codebooks=None, taus=0.0, targets=cod,
+                  label_smoothing=label_smoothing if kind == "ls" else 0.0)
+    sums = fused_linear_snce_levels(hid, w, bias=b, mask=msk, reduction="sum", **kw)
     counts = (torch.full((L,), hid.shape[0] * hid.shape[1], device=hidden.device) if msk is None
               else msk.sum((0, 1)))
-    return torch.stack(sums), counts
+    return sums, counts
 
 
 def hidden_states(net, codes, labels, mask):
