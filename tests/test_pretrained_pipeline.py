@@ -163,3 +163,40 @@ def test_loader_and_encode_errors(tmp_path):
     with pytest.raises(ValueError, match="latents_dtype in .* got 'bfloat16'"):
         encode_split(repo, "train", str(tmp_path / "e"), latents_dtype="bfloat16")
     assert not os.path.exists(tmp_path / "e")
+
+
+def script_keys(name):
+    """A script's config keys: the names its top level (and its `if __name__ == "__main__":`
+    block) assigns."""
+    import ast
+    body = ast.parse(open(os.path.join(ROOT, name)).read()).body
+    body += [n for b in body if isinstance(b, ast.If) for n in b.body]
+    return {t.id for n in body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+
+
+def test_imagenet_configs_and_their_commands_use_real_keys():
+    """Every config/imagenet_*.py sets only keys its script has, and every command in their
+    docstrings names existing config files and only --keys of the script it runs."""
+    import glob
+    import re
+    keys = {s: script_keys(s) for s in ("train.py", "sample.py", "encode.py", "train_tokenizer.py")}
+    files = sorted(glob.glob(os.path.join(ROOT, "config", "imagenet_*.py")))
+    assert len(files) == 5
+    commands = 0
+    for path in files:
+        text = open(path).read()
+        script = "sample.py" if path.endswith("_sample.py") else "train.py"
+        import runpy
+        set_keys = {k for k in runpy.run_path(path) if not k.startswith("__")}
+        assert set_keys <= keys[script], (path, set_keys - keys[script])
+        doc = text.split('"""')[1].replace("\\\n", " ")
+        for line in doc.splitlines():
+            m = re.search(r"\b(train|sample|encode|train_tokenizer)\.py\b", line)
+            if not m or "torchrun" not in line and "python" not in line:
+                continue
+            commands += 1
+            used = set(re.findall(r"--(\w+)=", line.split(m.group(0), 1)[1]))
+            assert used <= keys[m.group(0)], (path, line, used - keys[m.group(0)])
+            for cfg in re.findall(r"config/[\w/]+\.py", line):
+                assert os.path.isfile(os.path.join(ROOT, cfg)), (path, cfg)
+    assert commands >= 15
