@@ -506,8 +506,9 @@ def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
         from tokenizer import Tokenizer
         tok = Tokenizer.from_state(ck, device, path)
         if image_size not in (None, tok.config.image_size):
-            raise ValueError(f"{path} is a {tok.config.image_size} px tokenizer, image_size={image_size} "
-                             "was asked for: leave image_size unset (it comes from the checkpoint)")
+            raise ValueError(f"{path} is a {tok.config.image_size} px tokenizer, but {image_size} px "
+                             "was asked for (--image_size, or the image size an encoding records): "
+                             "use the tokenizer that matches, or leave --image_size unset")
         config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
         return tok, {"kind": "repo", "weights": "main", "config": config, "iter": ck.get("iter")}
     try:

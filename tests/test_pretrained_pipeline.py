@@ -156,7 +156,7 @@ def test_loader_and_encode_errors(tmp_path):
         encode_split(ckpt, "train", str(tmp_path / "e"), dataset_name="folder", data_root=str(tmp_path))
     repo = str(tmp_path / "repo.pt")
     make_tokenizer_ckpt(repo)
-    with pytest.raises(ValueError, match="is a 8 px tokenizer, image_size=16 was asked for"):
+    with pytest.raises(ValueError, match="is a 8 px tokenizer, but 16 px was asked for"):
         P.open_tokenizer(repo, image_size=16)
     with pytest.raises(ValueError, match="--dataset=folder, but the tokenizer .* was trained on 'synthetic'"):
         encode_split(repo, "train", str(tmp_path / "e"), dataset_name="folder")
