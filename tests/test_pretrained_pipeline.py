@@ -9,6 +9,7 @@ errors for missing dataset / image size.
 """
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -88,17 +89,24 @@ def test_smoke_encode_train_sample(tmp_path, capsys, family, latents_dtype, augm
     assert os.path.isfile(os.path.join(out, "grid_cfg2_t1_k0_p1_ema.png"))
 
 
+def save_near_tied_ibq(path):
+    """A tiny IBQ whose codewords are all c0 + 1e-3 noise (main weights only): int8 rounding of
+    the latents changes some of their nearest codes. -> the model."""
+    m = random_model(tiny("ibq"), 5)
+    with torch.no_grad():
+        w = m.quantize.embedding.weight
+        w.copy_(w[:1] + 1e-3 * torch.randn_like(w))
+    torch.save(ibq_lightning(m), path)
+    return m
+
+
 def test_int8_storage_records_code_flips_and_train_checks_with_them(tmp_path):
     """Near-tied codes (every codeword c0 + 1e-3 noise, dot metric) make int8 rounding change some
     nearest codes (3 of 384 here): meta.json's stored_code_flips equals the naive count, the codes stay the
     tokenizer's own, and train.py accepts the split (its tolerance is 2x the recorded flips)."""
     root = str(tmp_path)
     ckpt = os.path.join(root, "ibq.ckpt")
-    m = random_model(tiny("ibq"), 5)
-    with torch.no_grad():
-        w = m.quantize.embedding.weight
-        w.copy_(w[:1] + 1e-3 * torch.randn_like(w))
-    torch.save(ibq_lightning(m), ckpt)
+    m = save_near_tied_ibq(ckpt)
     imgs = os.path.join(root, "imgs")
     make_image_folder(imgs, n_per_class=12)
     dirs = [encode_split(ckpt, s, os.path.join(root, s), data_root=imgs, dataset_name="folder",
@@ -200,3 +208,28 @@ def test_imagenet_configs_and_their_commands_use_real_keys():
             for cfg in re.findall(r"config/[\w/]+\.py", line):
                 assert os.path.isfile(os.path.join(ROOT, cfg)), (path, cfg)
     assert commands >= 15
+
+
+@pytest.mark.slow  # a 2-process torchrun job: ~15 s on an idle 2-core machine
+def test_torchrun_encode_two_ranks_int8_flip(tmp_path):
+    """encode.py's command line under torchrun (2 gloo ranks) with a pretrained file, int8 latents
+    and flip views equals the 1-process encoding, and the code flips are summed over both ranks."""
+    ckpt = str(tmp_path / "ibq.ckpt")
+    save_near_tied_ibq(ckpt)
+    imgs = str(tmp_path / "imgs")
+    make_image_folder(imgs, n_per_class=7)
+    args = ["--dataset=folder", f"--data_root={imgs}", "--image_size=8", "--split=train",
+            "--latents_dtype=int8", "--augment=flip", "--batch_size=3"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(torchrun + [os.path.join(ROOT, "encode.py"), f"--ckpt={ckpt}",
+                                   f"--encode_dir={tmp_path / 'enc2'}", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    encode_split(ckpt, "train", str(tmp_path / "enc1"), data_root=imgs, dataset_name="folder",
+                 image_size=8, latents_dtype="int8", augment="flip", batch_size=3)
+    (m2, c2, z2, y2), (m1, c1, z1, y1) = (data.load_encoded(str(tmp_path / d)) for d in ("enc2", "enc1"))
+    assert len(c1) == 28 and np.array_equal(c1, c2) and np.array_equal(y1, y2)
+    np.testing.assert_allclose(z1[:], z2[:], atol=1e-6)
+    assert m1["stored_code_flips"] > 0 and m2["stored_code_flips"] == pytest.approx(m1["stored_code_flips"])
+    assert (m2["views"], m2["latents_dtype"], m2["tokenizer_weights"]) == (2, "int8", "main")
