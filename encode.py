@@ -127,8 +127,9 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
             codes = model.quantize(z.float())
             arr["latents"][sl] = z.cpu().numpy()
         else:  # the tokenizer's own codes; count those the stored latents would not reproduce
-            codes = model.quantize(z.float())
-            payload, scale = pack_latents(z.float(), latents_dtype)
+            z = z.float()
+            codes = model.quantize(z)
+            payload, scale = pack_latents(z, latents_dtype)
             flips += torch.stack([(model.quantize(unpack_latents(payload, scale, latents_dtype))
                                    != codes).sum().double(), torch.tensor(codes.numel(), device=device)])
             arr["latents"][sl], arr["latents_scale"][sl] = payload.cpu().numpy(), scale.cpu().numpy()
@@ -141,7 +142,8 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
         dist.barrier()
     if master:
         data.finish_encoded(out, {**meta, "stored_code_flips": (flips[0] / flips[1].clamp_min(1)).item()})
-        print(f"encoded {len(ds)} images with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
+        print(f"encoded {len(ds)} images" + (f" x {views} views ({augment})" if views > 1 else "")
+              + f" with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
     return out
 
 

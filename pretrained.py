@@ -29,6 +29,9 @@ Also here: 1-byte storage of D = 256 latents for SNCE (`pack_latents`: int8 with
 scale per vector, half of float16's 128 KB per image), and the ADM / LlamaGen preprocessing
 (`center_crop_arr`, the flip / ten-crop views LlamaGen pre-extracts codes for).
 
+`open_tokenizer` / `load_any_tokenizer` is the one tokenizer loader of encode.py, train.py,
+sample.py and study.py: this repo's checkpoints and the files above alike.
+
     tok = pretrained.load_any_tokenizer("imagenet256_262144.ckpt", "cuda", image_size=256)  # or a repo ckpt.pt
     z, codes = tok.encode(images)          # (B, 16, 16, 256) float32, (B, 16, 16, 1) int64
 

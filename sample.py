@@ -16,9 +16,10 @@ The npz (uint8 N x H x W x 3 under arr_0, class labels under arr_1; 1-channel MN
 slices of one memmap (common.shard_range), labels are class-balanced (i % num_classes). FIDs are
 appended to {out_dir}/fid.jsonl.
 
-The tokenizer is the one the generator was trained with (this repo's or a pretrained IBQ / Emu3.5 /
-LlamaGen file, pretrained.py): found through the path train.py stored relative to the run directory, and checked by the content fingerprint stored in the checkpoint
-(a tokenizer with other weights decodes the codes into other images, so it is refused).
+The tokenizer is the one the generator was trained with (this repo's or a pretrained IBQ /
+Emu3.5 / LlamaGen file, pretrained.py): found through the path train.py stored relative to the
+run directory, and checked by the content fingerprint stored in the checkpoint (a tokenizer with
+other weights decodes the codes into other images, so it is refused).
 """
 
 import os
