@@ -15,7 +15,11 @@ Datasets and the reader of encoded token memmaps.
 - `load_encoded(dir)`: the (codes, latents, labels) memmaps + meta.json that encode.py writes
   (through encoded_meta / create_encoded / open_encoded / finish_encoded below, so the format
   lives in one file); train.py reads them. Missing / truncated files and incomplete meta.json
-  are errors naming the file and what was expected.
+  are errors naming the file and what was expected. Latents are stored as float16, or (meta
+  "latents_dtype": "int8", for D = 256 tokenizers) as int8 with a float16 scale per vector in
+  latents_scale.npy (pretrained.pack_latents: half the bytes); load_encoded then returns a
+  reader whose [idx] gives the float32 latents, so readers index both alike. With encode.py's
+  `augment` (flip / ten-crop), rows i * views + r are the views of image i (meta "views").
 
 Images are float32 in [-1, 1], shape (C, H, W); labels are int64 class indices.
 Tests: python -m pytest -q tests/test_data.py
@@ -196,20 +200,49 @@ def get_dataset(name, split, image_size, root=""):
 # by encode.py (meta.json last, with complete=True), read by train.py
 
 ENCODED = ("codes", "latents", "labels")
+LATENTS_DTYPES = ("float16", "int8")  # int8: + latents_scale.npy (N, h, w, 1) float16
 # what readers rely on; encode.py also records the source (dataset, split, classes, tokenizer)
 META_KEYS = ("codes_shape", "codes_dtype", "latents_shape", "latents_dtype", "labels_shape",
              "labels_dtype", "codebook_size", "levels", "code_dim", "num_classes", "metric")
-# keys that do not change what the arrays hold (where the tokenizer file is, progress)
-_NOT_IDENTITY = ("complete", "tokenizer_ckpt")
+# keys that do not change what the arrays hold (where the tokenizer file is, progress, what was
+# measured while encoding)
+_NOT_IDENTITY = ("complete", "tokenizer_ckpt", "stored_code_flips")
+_MEASURED = ("stored_code_flips",)  # share of codes != the nearest code of the stored latents
 
 
-def encoded_meta(n, grid, levels, code_dim, codebook_size, **extra):
-    """meta.json content: shapes and dtypes of the three arrays + whatever describes the source."""
+def encoded_meta(n, grid, levels, code_dim, codebook_size, latents_dtype="float16", **extra):
+    """meta.json content: shapes and dtypes of the arrays + whatever describes the source."""
+    if latents_dtype not in LATENTS_DTYPES:
+        raise ValueError(f"latents_dtype must be one of {LATENTS_DTYPES}, got {latents_dtype!r}")
+    scale = ({"latents_scale_shape": [n, grid, grid, 1], "latents_scale_dtype": "float16"}
+             if latents_dtype == "int8" else {})
     return {"codes_shape": [n, grid, grid, levels],
             "codes_dtype": "uint16" if codebook_size <= 65536 else "int32",
-            "latents_shape": [n, grid, grid, code_dim], "latents_dtype": "float16",
+            "latents_shape": [n, grid, grid, code_dim], "latents_dtype": latents_dtype, **scale,
             "labels_shape": [n], "labels_dtype": "int64", "codebook_size": codebook_size,
             "levels": levels, "code_dim": code_dim, **extra}
+
+
+def _arrays(meta):
+    """The .npy files of an encoding: latents_scale only with int8 latents."""
+    return ENCODED + (("latents_scale",) if meta.get("latents_dtype") == "int8" else ())
+
+
+class ScaledLatents:
+    """int8 latents (N, h, w, D) with a float16 scale per vector (N, h, w, 1), read like the
+    float16 memmap: self[idx] -> float32 numpy (..., D) = payload * scale (pretrained.unpack_latents)."""
+
+    def __init__(self, payload, scale):
+        self.payload, self.scale = payload, scale
+        self.shape, self.dtype = payload.shape, np.dtype(np.float32)
+
+    def __len__(self):
+        return len(self.payload)
+
+    def __getitem__(self, idx):
+        from pretrained import unpack_latents
+        return unpack_latents(torch.from_numpy(np.array(self.payload[idx])),
+                              torch.from_numpy(np.array(self.scale[idx])), "int8").numpy()
 
 
 def existing_encoding(dir, meta, overwrite=False):
@@ -244,7 +277,7 @@ def existing_encoding(dir, meta, overwrite=False):
 def create_encoded(dir, meta):
     """Allocate the three .npy memmaps and write meta.json with complete=False."""
     os.makedirs(dir, exist_ok=True)
-    for k in ENCODED:
+    for k in _arrays(meta):
         np.lib.format.open_memmap(os.path.join(dir, f"{k}.npy"), mode="w+",
                                   dtype=meta[f"{k}_dtype"], shape=tuple(meta[f"{k}_shape"]))
     write_json(os.path.join(dir, "meta.json"), {**meta, "complete": False})
@@ -269,16 +302,22 @@ def _open_array(dir, name, meta, mode):
 
 
 def open_encoded(dir, meta, mode="r+"):
-    return {k: _open_array(dir, k, meta, mode) for k in ENCODED}
+    return {k: _open_array(dir, k, meta, mode) for k in _arrays(meta)}
 
 
 def finish_encoded(dir, meta):
-    write_json(os.path.join(dir, "meta.json"), {**meta, "complete": True})
+    """meta.json with complete=True; numbers measured while encoding (_MEASURED) that meta does
+    not carry (a re-run that found the encoding done) are kept from the existing file."""
+    path = os.path.join(dir, "meta.json")
+    old = read_json(path, "encoded meta.json") if os.path.isfile(path) else {}
+    kept = {k: old[k] for k in _MEASURED if k in old and k not in meta}
+    write_json(path, {**meta, **kept, "complete": True})
 
 
 def load_encoded(dir):
-    """-> (meta, codes (N, h, w, L), latents (N, h, w, D) float16, labels (N,) int64), read-only
-    memmaps written by encode.py."""
+    """-> (meta, codes (N, h, w, L), latents (N, h, w, D), labels (N,) int64), read-only memmaps
+    written by encode.py; latents is the float16 memmap, or a ScaledLatents (int8 storage) whose
+    [idx] is float32."""
     meta_path = os.path.join(dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no encoded dataset at {dir!r} (missing meta.json): create it with "
@@ -293,6 +332,9 @@ def load_encoded(dir):
     if missing:
         raise ValueError(f"{meta_path} lacks key(s) {missing} (expected {list(META_KEYS)}, as "
                          "encode.py writes them): re-run encode.py")
+    if meta["latents_dtype"] not in LATENTS_DTYPES:
+        raise ValueError(f"{meta_path}: latents_dtype must be one of {LATENTS_DTYPES}, got "
+                         f"{meta['latents_dtype']!r}")
     arrays = open_encoded(dir, meta, "r")
     n, h, w, L = arrays["codes"].shape
     if (L != meta["levels"] or arrays["latents"].shape != (n, h, w, meta["code_dim"])
@@ -300,7 +342,12 @@ def load_encoded(dir):
         raise ValueError(f"{dir}: meta.json says L={meta['levels']} D={meta['code_dim']}, arrays "
                          f"have codes {arrays['codes'].shape}, latents {arrays['latents'].shape}, "
                          f"labels {arrays['labels'].shape}")
-    return meta, arrays["codes"], arrays["latents"], arrays["labels"]
+    latents = arrays["latents"]
+    if "latents_scale" in arrays:
+        if arrays["latents_scale"].shape != (n, h, w, 1):
+            raise ValueError(f"{dir}: latents_scale {arrays['latents_scale'].shape}, expected {(n, h, w, 1)}")
+        latents = ScaledLatents(latents, arrays["latents_scale"])
+    return meta, arrays["codes"], latents, arrays["labels"]
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """
-Encode a split with a trained tokenizer into the memmaps train.py reads (format: data.py):
+Encode a split with a tokenizer into the memmaps train.py reads (format: data.py):
 {encode_dir}/codes.npy (N, h, w, L), latents.npy (N, h, w, D) float16 (the z that SNCE's
 targets are computed from), labels.npy (N,), meta.json (shapes, the tokenizer's content
 fingerprint, its checkpoint path relative to encode_dir, the class list, complete=true last).
+The tokenizer is this repo's (train_tokenizer.py's ckpt.pt) or a downloaded IBQ `.ckpt`, Emu3.5
+`model.ckpt` or LlamaGen `vq_ds16_c2i.pt` (pretrained.py; its EMA weights when complete).
 
     python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=train   # -> out/tokenizer_mnist/encoded_train
     python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
@@ -10,8 +12,27 @@ fingerprint, its checkpoint path relative to encode_dir, the class list, complet
         --split=train --encode_dir=/data/in256_tokens/train --device=cuda --num_workers=8 \
         --scan_images=True
 
-The model (levels, codebook_size, ...) and the dataset (name, data_root) come from the
-checkpoint; --data_root overrides where the images are now. Running it again is a no-op when the
+    # a pretrained tokenizer: the file names no dataset or image size, so give them
+    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=/ckpt/imagenet256_262144.ckpt \
+        --dataset=folder --data_root=/data/imagenet --image_size=256 --split=train \
+        --encode_dir=/data/encoded/ibq262144/train --latents_dtype=int8 --device=cuda --num_workers=8
+    # LlamaGen-style pre-extracted codes: the ten crops of a 1.1x center crop, each + mirror
+    python encode.py --ckpt=/ckpt/vq_ds16_c2i.pt --dataset=folder --data_root=/data/imagenet \
+        --image_size=256 --split=train --encode_dir=/data/encoded/vq16_tencrop/train --augment=tencrop
+
+The model (levels, codebook_size, ...) and, for this repo's tokenizers, the dataset (name,
+data_root, image_size) come from the checkpoint; --data_root overrides where the images are now.
+
+latents_dtype: float16 (128 KB per image at D = 256, 16 x 16 tokens), or int8 with a float16
+scale per vector (64.5 KB; pretrained.pack_latents). Codes: with float16 they are the nearest
+codes of the stored (rounded) latents, so train.py's check that the codebooks reproduce them is
+exact; with int8 they are the tokenizer's own codes of the float32 latents (the tokens its decoder
+was trained on), and meta.json's stored_code_flips records the share of tokens whose nearest code
+the int8 rounding changes (about 1.7% on random D = 256 latents), which train.py's check allows for.
+augment: none | flip (each image + its mirror) | tencrop (four corners + center of a 1.1x center
+crop, and their mirrors: LlamaGen's extraction); rows i * views + r hold the views of image i,
+labels repeated, meta.json says "augment" and "views". For codes-only (ce) runs or small-D
+tokenizers: ten views of D = 256 latents are 10x the disk. Running it again is a no-op when the
 directory already holds this encoding (same tokenizer weights, same data); a different one
 (e.g. a retrained tokenizer) is refused unless --overwrite=True. Ranks write disjoint contiguous
 slices of one memmap. From Python (tests): encode_split(ckpt, split, encode_dir, ...).
@@ -25,28 +46,41 @@ import torch
 import torch.distributed as dist
 
 import data
-from common import load_checkpoint, portable_path, setup_device, shard_range
-from tokenizer import Tokenizer, TokenizerConfig
+from common import portable_path, setup_device, shard_range
+from pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
+from tokenizer import TokenizerConfig
 
 
 @torch.no_grad()
 def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batch_size=64,
-                 num_workers=0, device="cpu", dtype="bfloat16", scan_images=False, dataset=None):
+                 num_workers=0, device="cpu", dtype="bfloat16", scan_images=False, dataset=None,
+                 dataset_name="", image_size=0, latents_dtype="float16", augment="none"):
     """Encode `split` of the checkpoint's dataset (or `dataset` = (torch Dataset, class list),
-    e.g. in tests) into encode_dir (default: encoded_{split} beside the checkpoint). Every rank
-    of an initialized process group takes part. -> the encode dir."""
+    e.g. in tests: images at crop_size(augment, image_size)) into encode_dir (default:
+    encoded_{split} beside the checkpoint). dataset_name / image_size: required for a pretrained
+    tokenizer file (it records neither), checked against a repo checkpoint's. Every rank of an
+    initialized process group takes part. -> the encode dir."""
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"expected batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    if latents_dtype not in data.LATENTS_DTYPES or augment not in AUGMENTS:
+        raise ValueError(f"expected latents_dtype in {data.LATENTS_DTYPES} and augment in "
+                         f"{tuple(AUGMENTS)}, got {latents_dtype!r}, {augment!r}")
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     _, _, autocast = setup_device(device, dtype)
-    ck = load_checkpoint(ckpt, map_location=device, what="tokenizer checkpoint")
-    model = Tokenizer.from_state(ck, device, ckpt)
-    c, src = model.config, ck.get("config", {})
-    name, root = src.get("dataset", ""), data_root or src.get("data_root", "")
+    model, info = open_tokenizer(ckpt, device, image_size or None, verbose=master)
+    c, src = model.config, info["config"]
+    if dataset_name and src.get("dataset", dataset_name) != dataset_name:
+        raise ValueError(f"--dataset={dataset_name}, but the tokenizer {ckpt} was trained on "
+                         f"{src['dataset']!r}: leave --dataset unset for this repo's tokenizers")
+    name, root = dataset_name or src.get("dataset", ""), data_root or src.get("data_root", "")
+    views = AUGMENTS[augment]
     if dataset is None:
-        ds, num_classes, _ = data.get_dataset(name, split, c.image_size, root)
+        if not name:
+            raise ValueError(f"{ckpt} is a pretrained {info['kind']} tokenizer: its file names no "
+                             "dataset, so pass --dataset=folder --data_root=<dir with {split}/<class>/*>")
+        ds, num_classes, _ = data.get_dataset(name, split, crop_size(augment, c.image_size), root)
         classes = data.class_names(ds, num_classes)
     else:
         ds, classes = dataset
@@ -55,12 +89,15 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
         print(f"scan: {len(skipped)} unreadable image(s) skipped, {len(ds)} left"
               + "".join(f"\n  {m}" for m in skipped[:20]) + ("\n  ..." if len(skipped) > 20 else ""))
     out = encode_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"encoded_{split}")
+    extra = {"tokenizer_kind": info["kind"], "tokenizer_weights": info["weights"]} if info["kind"] != "repo" else {}
+    if augment != "none":
+        extra.update(augment=augment, views=views)
     meta = data.encoded_meta(
-        len(ds), model.grid, c.levels, c.code_dim, c.codebook_size, metric=c.metric,
-        shared_codebook=c.shared_codebook, image_size=c.image_size, dataset=name, data_root=root,
-        split=split, num_classes=len(classes), classes=classes,
+        len(ds) * views, model.grid, c.levels, c.code_dim, c.codebook_size, latents_dtype,
+        metric=c.metric, shared_codebook=c.shared_codebook, image_size=c.image_size, dataset=name,
+        data_root=root, split=split, num_classes=len(classes), classes=classes,
         tokenizer_fingerprint=model.fingerprint(), tokenizer_ckpt=portable_path(ckpt, out),
-        tokenizer_iter=ck.get("iter"), **({"skipped_images": skipped} if scan_images else {}))
+        tokenizer_iter=info["iter"], **extra, **({"skipped_images": skipped} if scan_images else {}))
     if data.existing_encoding(out, meta, overwrite):  # every rank decides before anyone writes
         if master:
             data.finish_encoded(out, meta)  # same content; record where the checkpoint is now
@@ -77,41 +114,64 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
     lo, hi = shard_range(len(ds), rank, world)
     from tqdm import tqdm
     batches = torch.arange(lo, hi).split(batch_size)
+    flips = torch.zeros(2, device=device, dtype=torch.float64)  # codes changed by storage, codes
     for x, y in tqdm(data.batch_loader(ds, batches, num_workers, device), total=len(batches),
                      disable=not master, desc=f"encode {split} (rank 0 shard)"):
+        x = augment_views(x, augment, c.image_size).flatten(0, 1)   # (B * views, C, S, S)
+        y = y.repeat_interleave(views)
         with autocast:
             z = model.encode_latents(x)
-        z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes
-        sl = slice(lo, lo + len(x))
-        arr["codes"][sl] = model.quantize(z.float()).cpu().numpy().astype(meta["codes_dtype"])
-        arr["latents"][sl], arr["labels"][sl], lo = z.cpu().numpy(), y.cpu().numpy(), lo + len(x)
+        sl = slice(lo * views, lo * views + len(x))
+        if latents_dtype == "float16":
+            z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes
+            codes = model.quantize(z.float())
+            arr["latents"][sl] = z.cpu().numpy()
+        else:  # the tokenizer's own codes; count those the stored latents would not reproduce
+            z = z.float()
+            codes = model.quantize(z)
+            payload, scale = pack_latents(z, latents_dtype)
+            flips += torch.stack([(model.quantize(unpack_latents(payload, scale, latents_dtype))
+                                   != codes).sum().double(), torch.tensor(codes.numel(), device=device)])
+            arr["latents"][sl], arr["latents_scale"][sl] = payload.cpu().numpy(), scale.cpu().numpy()
+        arr["codes"][sl] = codes.cpu().numpy().astype(meta["codes_dtype"])
+        arr["labels"][sl], lo = y.cpu().numpy(), lo + len(x) // views
     for a in arr.values():
         a.flush()
     if ddp:
+        dist.all_reduce(flips)
         dist.barrier()
     if master:
-        data.finish_encoded(out, meta)
-        print(f"encoded {len(ds)} images with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
+        data.finish_encoded(out, {**meta, "stored_code_flips": (flips[0] / flips[1].clamp_min(1)).item()})
+        print(f"encoded {len(ds)} images" + (f" x {views} views ({augment})" if views > 1 else "")
+              + f" with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
     return out
 
 
 if __name__ == "__main__":
     import sys
 
-    from common import check_range, configure, init_distributed
+    from common import check_choice, check_range, configure, init_distributed
 
-    ckpt = "out/tokenizer_mnist/ckpt.pt"  # tokenizer checkpoint (train_tokenizer.py's out_dir/ckpt.pt)
+    ckpt = "out/tokenizer_mnist/ckpt.pt"  # tokenizer checkpoint: train_tokenizer.py's out_dir/ckpt.pt,
+                                          # or an IBQ / Emu3.5 / LlamaGen file (pretrained.py)
     split = "train"
     encode_dir = ""              # default: encoded_{split} beside the checkpoint
+    dataset = ""                 # mnist | folder; default: the one the tokenizer was trained on
+                                 # (required for pretrained files)
     data_root = ""               # default: the one the tokenizer was trained on
+    image_size = 0               # pretrained files: required (256 for the public releases);
+                                 # this repo's tokenizers: from the checkpoint
+    latents_dtype = "float16"    # float16 | int8 (+ a float16 scale per vector: half the disk)
+    augment = "none"             # none | flip | tencrop: views per image stored as rows
     overwrite = False            # replace an existing, different encoding (or redo the same one)
     scan_images = False          # read every image first and skip unreadable ones (folder data)
     batch_size = 64              # per rank
     num_workers = 0              # DataLoader workers (folder datasets)
     device = "cpu"
     dtype = "bfloat16"           # autocast dtype on CUDA (float32 to disable); CPU runs float32
-    # model options belong to training: here they come from the checkpoint
-    model_keys = {f.name for f in fields(TokenizerConfig)}
+    # model options belong to training: here they come from the checkpoint (image_size: for
+    # pretrained files, which do not record it; checked against a repo checkpoint's)
+    model_keys = {f.name for f in fields(TokenizerConfig)} - {"image_size"}
     given = [a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")]
     if model_keys & set(given):
         raise ValueError(f"{', '.join(f'--{k}' for k in given if k in model_keys)}: encode.py takes the "
@@ -121,9 +181,14 @@ if __name__ == "__main__":
     config = configure(globals())
     check_range(config, "batch_size", 1)
     check_range(config, "num_workers", 0)
+    check_range(config, "image_size", 0)
+    check_choice(config, "latents_dtype", data.LATENTS_DTYPES)
+    check_choice(config, "augment", tuple(AUGMENTS))
+    check_choice(config, "dataset", ("", "mnist", "folder"))
     ddp, rank, _, _, device = init_distributed(device)
     encode_split(ckpt, split, encode_dir, data_root, overwrite, batch_size, num_workers, device,
-                 dtype, scan_images)
+                 dtype, scan_images, dataset_name=dataset, image_size=image_size,
+                 latents_dtype=latents_dtype, augment=augment)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

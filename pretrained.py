@@ -29,7 +29,10 @@ Also here: 1-byte storage of D = 256 latents for SNCE (`pack_latents`: int8 with
 scale per vector, half of float16's 128 KB per image), and the ADM / LlamaGen preprocessing
 (`center_crop_arr`, the flip / ten-crop views LlamaGen pre-extracts codes for).
 
-    tok = pretrained.load_any_tokenizer("imagenet256_262144.ckpt", "cuda")  # or this repo's ckpt.pt
+`open_tokenizer` / `load_any_tokenizer` is the one tokenizer loader of encode.py, train.py,
+sample.py and study.py: this repo's checkpoints and the files above alike.
+
+    tok = pretrained.load_any_tokenizer("imagenet256_262144.ckpt", "cuda", image_size=256)  # or a repo ckpt.pt
     z, codes = tok.encode(images)          # (B, 16, 16, 256) float32, (B, 16, 16, 1) int64
 
     python pretrained.py      # CPU benchmark: encode img/s, encoder FLOPs, latent storage error
@@ -488,15 +491,49 @@ def load_pretrained(path, device="cpu", image_size=256, verbose=True, ck=None):
     return model
 
 
-def load_any_tokenizer(path, device="cpu", image_size=256, verbose=True):
-    """A tokenizer checkpoint of any supported format -> an object with the tokenizer interface:
-    this repo's own (tokenizer.Tokenizer; it has a "model_config" entry) or a pretrained one.
-    `image_size` applies to pretrained tokenizers only (theirs is not in the file)."""
-    ck = read_checkpoint(path, verbose=verbose)
+def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
+    """A tokenizer checkpoint of any supported format -> (tokenizer, info). This repo's own
+    (train_tokenizer.py's: a "model_config" entry) -> tokenizer.Tokenizer; anything else -> a
+    PretrainedTokenizer. info = {"kind": "repo" | "ibq" | "llamagen", "weights": "main" | "ema",
+    "config": the run config the file records ({} for pretrained files: dataset, data_root),
+    "iter": its training iteration or None}. image_size: a pretrained file does not record it
+    (256 for every public release), so it is required there; for a repo tokenizer it is checked
+    against the checkpoint's when given."""
+    try:
+        ck = load_checkpoint(path, map_location="cpu", what="tokenizer checkpoint")
+    except ValueError as e:  # pickled objects: tolerated in upstream files, never in ours
+        ck = read_checkpoint(path, verbose=verbose)
+        if "model_config" in ck:
+            raise e from None
     if "model_config" in ck:
         from tokenizer import Tokenizer
-        return Tokenizer.from_checkpoint(path, device)
-    return load_pretrained(path, device, image_size, verbose, ck=ck)
+        tok = Tokenizer.from_state(ck, device, path)
+        if image_size not in (None, tok.config.image_size):
+            raise ValueError(f"{path} is a {tok.config.image_size} px tokenizer, but {image_size} px "
+                             "was asked for (--image_size, or the image size an encoding records): "
+                             "use the tokenizer that matches, or leave --image_size unset")
+        config = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+        return tok, {"kind": "repo", "weights": "main", "config": config, "iter": ck.get("iter")}
+    try:
+        family = _layout(_main_state(ck, path))
+    except ValueError:
+        family = None
+    if family is None:
+        raise ValueError(f"{path} is not a tokenizer checkpoint: expected this repo's ('model' and "
+                         "'model_config' entries, as train_tokenizer.py writes them) or an IBQ / "
+                         "Emu3.5 / LlamaGen file (encoder.down.* / encoder.conv_blocks.* weights); "
+                         f"found top-level keys {sorted(ck)[:10]}: a generator checkpoint from train.py?")
+    if image_size is None:
+        raise ValueError(f"{path} is a pretrained {family} tokenizer file, which does not record "
+                         "the image size it was trained at: pass image_size (--image_size=256 for "
+                         "the public ImageNet releases)")
+    tok = load_pretrained(path, device, image_size, verbose, ck=ck)
+    return tok, {"kind": tok.config.family, "weights": tok.weights, "config": {}, "iter": None}
+
+
+def load_any_tokenizer(path, device="cpu", image_size=None, verbose=True):
+    """open_tokenizer without the info: the one loader of encode.py, train.py, sample.py, study.py."""
+    return open_tokenizer(path, device, image_size, verbose)[0]
 
 
 # -----------------------------------------------------------------------------

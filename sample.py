@@ -16,9 +16,10 @@ The npz (uint8 N x H x W x 3 under arr_0, class labels under arr_1; 1-channel MN
 slices of one memmap (common.shard_range), labels are class-balanced (i % num_classes). FIDs are
 appended to {out_dir}/fid.jsonl.
 
-The tokenizer is the one the generator was trained with: found through the path train.py stored
-relative to the run directory, and checked by the content fingerprint stored in the checkpoint
-(a tokenizer with other weights decodes the codes into other images, so it is refused).
+The tokenizer is the one the generator was trained with (this repo's or a pretrained IBQ /
+Emu3.5 / LlamaGen file, pretrained.py): found through the path train.py stored relative to the
+run directory, and checked by the content fingerprint stored in the checkpoint (a tokenizer with
+other weights decodes the codes into other images, so it is refused).
 """
 
 import os
@@ -65,12 +66,13 @@ def check_config(config):
         raise ValueError("fid_weights needs num_samples > 0 (e.g. --num_samples=50000)")
 
 
-def load_tokenizer(ck, dev):
-    """The generator's tokenizer, refused unless it is the one it was trained with."""
-    from tokenizer import Tokenizer
+def load_tokenizer(ck, dev, verbose=True):
+    """The generator's tokenizer (this repo's or a pretrained file: pretrained.load_any_tokenizer),
+    refused unless it is the one it was trained with."""
+    from pretrained import load_any_tokenizer
     path = tokenizer_ckpt or resolve_path(ck["tokenizer_ckpt"], os.path.dirname(os.path.abspath(ckpt)),
                                           f"tokenizer checkpoint named in {ckpt}")
-    tok = Tokenizer.from_checkpoint(path, dev)
+    tok = load_any_tokenizer(path, dev, ck["meta"].get("image_size"), verbose)
     a, c = ck["model_args"], tok.config
     if (c.codebook_size, c.levels, tok.grid, tok.grid) != (a["vocab_size"], a["levels"], a["grid_h"], a["grid_w"]):
         raise ValueError(f"tokenizer {path} (K={c.codebook_size} L={c.levels} grid {tok.grid}) does not fit "
@@ -104,7 +106,7 @@ def main():
     maskgit = model.config.mode == "maskgit"
     if not maskgit:
         warn_ignored(config, _explicit, ("steps",), "an ar generator decodes one token at a time")  # noqa: F821
-    tok = load_tokenizer(ck, dev)
+    tok = load_tokenizer(ck, dev, verbose=master)
     meta, nc = ck["meta"], model.config.num_classes
     out = out_dir or os.path.dirname(os.path.abspath(ckpt))
     tag = f"cfg{cfg_scale:g}_t{temperature:g}_k{top_k}_p{top_p:g}" + (

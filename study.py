@@ -339,13 +339,14 @@ def q_statistics(tok, taus, n=4096):
     (comparable across tokenizers, unlike tau). -> {objective name: (top-1 mass, perplexity)}."""
     import torch
     from calibrate import q_stats
-    from tokenizer import Tokenizer
+    import data
+    from pretrained import load_any_tokenizer
 
     enc = os.path.join(tok, "encoded_train")
-    meta = read_json(os.path.join(enc, "meta.json"), "encoded meta")
-    z = np.load(os.path.join(enc, "latents.npy"), mmap_mode="r")
+    meta, _, z, _ = data.load_encoded(enc)  # float16 or int8 storage: z[rows] is the latents
     z = torch.from_numpy(np.array(z[: -(-n // (z.shape[1] * z.shape[2]))])).float().reshape(-1, z.shape[-1])[:n]
-    book = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint")).codebooks[0]
+    book = load_any_tokenizer(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint"),
+                              image_size=meta.get("image_size"), verbose=False).codebooks[0]
     stats = {}
     for t in taus:
         q = q_stats(z, book.float(), t, meta["metric"])

@@ -1,7 +1,9 @@
 """
 Train the class-conditional generator (model.py) on tokenizer codes with CE, SNCE or label
 smoothing. Reads the memmaps + meta.json of an encoded split (codes (N, h, w, L), latents
-(N, h, w, D) float16, labels (N,); format in data.py), one for training and one held out.
+(N, h, w, D) float16 or int8 + scale, labels (N,); format in data.py), one for training and one
+held out. The tokenizer (codebooks for SNCE, decoder for the grids) is this repo's or a
+pretrained IBQ / Emu3.5 / LlamaGen file (pretrained.load_any_tokenizer).
 
     python train.py config/train_mnist.py                          # one process, CPU
     python train.py config/train_mnist.py --loss=ce --out_dir=out/train_mnist_ce
@@ -36,7 +38,7 @@ and its path is stored relative to out_dir, so a run directory can be moved.
 Step-time split: every log line and log record (ms_data, ms_forward, ms_loss, ms_backward,
 ms_optimizer, beside ms_per_iter) carries ms per step spent in data loading, the transformer
 forward, the loss, the backward and the optimizer (clip, AdamW, EMA). The fused loss computes
-its gradients chunk by chunk in its forward (snce.fused_linear_snce), so "loss" is the loss's
+its gradients chunk by chunk in its forward (snce.fused_linear_snce_levels), so "loss" is the loss's
 whole cost and "backward" is the transformer's (DDP's all-reduce included). On CUDA the split
 is measured on the logged steps only (it synchronizes the device between phases); on the CPU
 on every step. Evals are not counted.
@@ -59,8 +61,9 @@ from common import (append_jsonl, batch_indices, check_choice, check_range, chec
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
                     save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
+from pretrained import load_any_tokenizer
 from snce import METRICS, dissimilarity, fused_linear_snce_levels
-from tokenizer import Tokenizer, residuals_from
+from tokenizer import residuals_from
 
 # -----------------------------------------------------------------------------
 # config (defaults: a small CPU run on MNIST-5k; config/*.py set real runs)
@@ -195,7 +198,7 @@ batch_indices(N, seed, 0, rank, world_size, batch_size)  # raises if N can't fil
 # ---- the tokenizer: its codebooks give SNCE's targets, its decoder the sample grids ----
 tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir,
                                           f"tokenizer checkpoint named in {data_dir}/meta.json")
-tok = Tokenizer.from_checkpoint(tok_path, device).requires_grad_(False)
+tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
 tok_fp = fingerprint(tok.state_dict())
 tc, where = tok.config, f"tokenizer {tok_path} vs {data_dir}/meta.json"
 if (tc.codebook_size, tc.levels, tc.code_dim, tok.grid, tok.grid) != (K, L, D, grid_h, grid_w):
@@ -206,12 +209,17 @@ if meta.get("tokenizer_fingerprint", tok_fp) != tok_fp:
     raise ValueError(f"{where}: the data was encoded by another tokenizer (fingerprint "
                      f"{meta['tokenizer_fingerprint']}, this one's {tok_fp}): re-encode, or point "
                      "--tokenizer_ckpt at the tokenizer that encoded it")
-n_check = min(64, N)  # encode quantized the float16 latents, so these codebooks must give the codes
+# encode quantized the float16 latents, so these codebooks must give the codes; int8 storage keeps
+# the tokenizer's own codes and records the share its rounding flips (stored_code_flips, ~1.7% at
+# D = 256): allow twice that (64 images of 256 tokens measure it to about +-0.1%). Another
+# tokenizer's codebooks agree on ~1/K of the codes, so the check still catches a wrong one.
+n_check = min(64, N)
 z_check = torch.from_numpy(np.array(latents_mm[:n_check])).float().to(device)
 agree = (tok.quantize(z_check).cpu() == torch.from_numpy(np.asarray(codes_mm[:n_check]).astype(np.int64))).float().mean()
-if agree < 0.99:
+need = 0.99 - 2 * meta.get("stored_code_flips", 0.0)
+if agree < need:
     raise ValueError(f"{where}: the tokenizer's codebooks reproduce only {agree:.1%} of the stored "
-                     "codes: wrong tokenizer checkpoint?")
+                     f"codes (expected >= {need:.1%}): wrong tokenizer checkpoint?")
 codebooks = tok.codebooks.detach().float() if loss == "snce" else None  # (L, K, D)
 
 

@@ -9,7 +9,7 @@ on this setting: 0.5 -> 5.17, 1 -> 3.42, 2 -> 3.46, 4 -> 5.36); `--loss=ce
 100-epoch rows. Encode train and val as in config/imagenet_ibq16384.py with IBQ=model.ckpt and
 ENC=/data/encoded/emu131072, then:
 
-    torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb_table1.py \
+    torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py \
         config/imagenet_emu131072.py
     for s in 2.5 3.0 3.5 4.0 4.5 5.0 5.5; do
       torchrun --standalone --nproc_per_node=8 sample.py config/imagenet_ibqb_sample.py \

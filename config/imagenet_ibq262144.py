@@ -8,7 +8,7 @@ for a dot-product tokenizer with D = 256); `--loss=ce --out_dir=out/imagenet_ibq
 the CE row. Encode train and val as in config/imagenet_ibq16384.py with IBQ=imagenet256_262144.ckpt
 and ENC=/data/encoded/ibq262144, then:
 
-    torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb_table1.py \
+    torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py \
         config/imagenet_ibq262144.py
     for s in 2.5 3.0 3.5 4.0 4.5 5.0 5.5; do
       torchrun --standalone --nproc_per_node=8 sample.py config/imagenet_ibqb_sample.py \
