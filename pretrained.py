@@ -49,9 +49,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import fingerprint, load_checkpoint
+from common import load_checkpoint
 from snce import nearest_code
-from tokenizer import residuals_from
+from tokenizer import TokenizerInterface
 
 # -----------------------------------------------------------------------------
 # configuration; named sizes of the public releases (the loader reads sizes from the weights)
@@ -263,7 +263,7 @@ class Quantize(nn.Module):
         return nearest_code(z, self.codebook.to(z.dtype), self.metric).unsqueeze(-1)
 
 
-class PretrainedTokenizer(nn.Module):
+class PretrainedTokenizer(TokenizerInterface, nn.Module):
     """Images (B, C, S, S) in [-1, 1] <-> codes (B, h, w, 1); latents z are (B, h, w, D).
     The same interface as tokenizer.Tokenizer with L = 1."""
 
@@ -277,55 +277,22 @@ class PretrainedTokenizer(nn.Module):
         self.weights = "init"     # which set load_pretrained loaded: "ema" | "main"
 
     @property
-    def metric(self):
-        return self.config.metric
-
-    @property
     def codebooks(self):
         """(1, K, D); unit vectors for the cos metric (LlamaGen normalises before the search)."""
         return self.quantize.codebook.unsqueeze(0)
 
-    @property
-    def grid(self):
-        return self.config.image_size // self.config.downsample
-
     def encode_latents(self, images):
         """(B, C, S, S) -> z (B, h, w, D): what the quantizer compares with the codebook."""
-        want = (self.config.in_channels, self.config.image_size, self.config.image_size)
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise ValueError(f"images: expected (B, {want[0]}, {want[1]}, {want[2]}), "
-                             f"got {tuple(images.shape)}")
+        self._check_images(images)
         z = self.quant_conv(self.encoder(images)).permute(0, 2, 3, 1)
         return F.normalize(z, dim=-1) if self.metric == "cos" else z
 
     @torch.no_grad()
-    def encode(self, images):
-        """(B, C, S, S) -> latents z (B, h, w, D) float32, codes (B, h, w, 1) int64."""
-        z = self.encode_latents(images).float()
-        return z, self.quantize(z)
-
-    @torch.no_grad()
     def decode(self, codes):
         """codes (B, h, w, 1) -> images (B, C, S, S), roughly in [-1, 1]."""
-        g, K = self.grid, self.config.codebook_size
-        if codes.ndim != 4 or tuple(codes.shape[1:]) != (g, g, 1):
-            raise ValueError(f"codes: expected (B, {g}, {g}, 1), got {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.min() < 0 or codes.max() >= K:
-            raise ValueError(f"codes: expected integers in [0, {K}), got {codes.dtype} in "
-                             f"[{codes.min().item()}, {codes.max().item()}]")
+        self._check_codes(codes)
         z_q = self.quantize.codebook[codes[..., 0].long()]          # (B, h, w, D)
         return self.decoder(self.post_quant_conv(z_q.permute(0, 3, 1, 2)))
-
-    def residuals(self, latents, codes):
-        """(..., D), (..., 1) -> (..., 1, D): with one level the residual is z itself."""
-        D = self.config.code_dim
-        if latents.shape[-1] != D or codes.shape[-1] != 1 or latents.shape[:-1] != codes.shape[:-1]:
-            raise ValueError(f"residuals: expected latents (..., {D}) and codes (..., 1) with the "
-                             f"same leading dims, got {tuple(latents.shape)} and {tuple(codes.shape)}")
-        return residuals_from(latents, codes, self.codebooks)
-
-    def fingerprint(self):
-        return fingerprint(self.state_dict())
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", image_size=256, verbose=True):

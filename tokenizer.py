@@ -295,23 +295,15 @@ def kmeans(x, K, metric="l2", iters=10, generator=None):
     return c, torch.bincount(nearest_code(x, c, metric), minlength=K)
 
 
-class Tokenizer(nn.Module):
-    """Images (B, C, S, S) in [-1, 1] <-> codes (B, h, w, L); latents z are (B, h, w, D)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quantizer = ResidualQuantizer(cfg)
+class TokenizerInterface:
+    """What every tokenizer here exposes, this repo's and the pretrained ones (pretrained.py):
+    `config` (image_size, downsample, in_channels, levels, codebook_size, code_dim, metric),
+    `codebooks` (L, K, D), `encode_latents`, `quantize` and `decode`. The shape checks, the
+    residuals SNCE's targets come from and the content fingerprint live here, once."""
 
     @property
     def metric(self):
         return self.config.metric
-
-    @property
-    def codebooks(self):
-        """(L, K, D) tensor: codebooks[l] is level l's codebook (the same one when shared)."""
-        return self.quantizer.codebooks
 
     @property
     def grid(self):
@@ -322,6 +314,47 @@ class Tokenizer(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"images: expected (B, {want[0]}, {want[1]}, {want[2]}), "
                              f"got {tuple(x.shape)}")
+
+    def _check_codes(self, codes):
+        g, L, K = self.grid, self.config.levels, self.config.codebook_size
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != (g, g, L):
+            raise ValueError(f"codes: expected (B, {g}, {g}, {L}), got {tuple(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.min() < 0 or codes.max() >= K:
+            raise ValueError(f"codes: expected integers in [0, {K}), got {codes.dtype} in "
+                             f"[{codes.min().item()}, {codes.max().item()}]")
+
+    @torch.no_grad()
+    def encode(self, images):
+        """(B, C, S, S) -> latents z (B, h, w, D) float32, codes (B, h, w, L) int64."""
+        z = self.encode_latents(images).float()
+        return z, self.quantize(z)
+
+    def residuals(self, latents, codes):
+        """(..., D), (..., L) -> (..., L, D): r_0 = z, r_l = z - sum_{j<l} C_j[t_j]."""
+        D, L = self.config.code_dim, self.config.levels
+        if latents.shape[-1] != D or codes.shape[-1] != L or latents.shape[:-1] != codes.shape[:-1]:
+            raise ValueError(f"residuals: expected latents (..., {D}) and codes (..., {L}) with the "
+                             f"same leading dims, got {tuple(latents.shape)} and {tuple(codes.shape)}")
+        return residuals_from(latents, codes, self.codebooks)
+
+    def fingerprint(self):
+        """16-hex hash of the weights and codebooks: the tokenizer's identity in meta.json."""
+        return fingerprint(self.state_dict())
+
+
+class Tokenizer(TokenizerInterface, nn.Module):
+    """Images (B, C, S, S) in [-1, 1] <-> codes (B, h, w, L); latents z are (B, h, w, D)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantizer = ResidualQuantizer(cfg)
+
+    @property
+    def codebooks(self):
+        """(L, K, D) tensor: codebooks[l] is level l's codebook (the same one when shared)."""
+        return self.quantizer.codebooks
 
     def encode_latents(self, images):
         """(B, C, S, S) -> z (B, h, w, D), channels last like the memmaps."""
@@ -342,34 +375,11 @@ class Tokenizer(nn.Module):
         return codes.view(*latents.shape[:-1], self.config.levels)
 
     @torch.no_grad()
-    def encode(self, images):
-        """(B, C, S, S) -> latents z (B, h, w, D) float32, codes (B, h, w, L) int64."""
-        z = self.encode_latents(images).float()
-        return z, self.quantize(z)
-
-    @torch.no_grad()
     def decode(self, codes):
         """codes (B, h, w, L) -> images (B, C, S, S), roughly in [-1, 1]."""
-        g, L, K = self.grid, self.config.levels, self.config.codebook_size
-        if codes.ndim != 4 or tuple(codes.shape[1:]) != (g, g, L):
-            raise ValueError(f"codes: expected (B, {g}, {g}, {L}), got {tuple(codes.shape)}")
-        if codes.dtype.is_floating_point or codes.min() < 0 or codes.max() >= K:
-            raise ValueError(f"codes: expected integers in [0, {K}), got {codes.dtype} in "
-                             f"[{codes.min().item()}, {codes.max().item()}]")
+        self._check_codes(codes)
         z_q = self.quantizer.lookup(codes.long()).sum(-2)        # (B, h, w, D)
         return self.decoder(z_q.permute(0, 3, 1, 2))
-
-    def residuals(self, latents, codes):
-        """(..., D), (..., L) -> (..., L, D): r_0 = z, r_l = z - sum_{j<l} C_j[t_j]."""
-        D, L = self.config.code_dim, self.config.levels
-        if latents.shape[-1] != D or codes.shape[-1] != L or latents.shape[:-1] != codes.shape[:-1]:
-            raise ValueError(f"residuals: expected latents (..., {D}) and codes (..., {L}) with the "
-                             f"same leading dims, got {tuple(latents.shape)} and {tuple(codes.shape)}")
-        return residuals_from(latents, codes, self.codebooks)
-
-    def fingerprint(self):
-        """16-hex hash of the weights and codebooks: the tokenizer's identity in meta.json."""
-        return fingerprint(self.state_dict())
 
     @classmethod
     def from_state(cls, ckpt, device="cpu", path="checkpoint"):
