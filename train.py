@@ -24,6 +24,22 @@ Every objective goes through snce.fused_linear_snce, so (tokens x K) logits neve
 logged objective is the token mean over levels; the eval also logs the held-out hard-label NLL
 (the same number whatever the objective, so runs compare).
 
+SNCE's softness: tau is in the tokenizer's distance units, so by default (tau = 0) train.py
+calibrates one tau per level at startup (calibrate.calibrate_tau, bisection on log tau) so that
+the target's mean perplexity exp H(q) over a fixed sample of training residuals is
+target_perplexity (the number of codes it spreads over; 25 unless given). Whatever sets tau
+(calibrated, --tau, tau_scale=gap), the mean / median perplexity and mean top-1 mass of q per
+level are printed, stored in ckpt.pt ("q_info") and logged as the first log.jsonl record
+({"iter": 0, "snce_target": ...}); a resume reuses the stored taus.
+
+    python train.py config/study/train.py --target_perplexity=95 --out_dir=out/study/p95
+    python train.py config/study/train.py --eval_classifier=out/mnist_classifier/ckpt.pt
+
+Sample metrics (MNIST): with eval_classifier (a mnist_classifier.py checkpoint), every eval also
+generates eval_samples class-balanced samples (grid_* settings, fixed noise) and logs their
+conditional accuracy and Frechet LeNet distance to the val digits (sample_accuracy,
+sample_accuracy_per_class, sample_fld, sample_seconds).
+
 Run directory (out_dir): ckpt.pt (written atomically at every eval, iteration 0 included),
 log.jsonl (one JSON record per logged step or eval; pandas.read_json(path, lines=True)) and
 samples_<iter>.png grids. A scratch run refuses a directory that already holds a run. A resume
@@ -156,7 +172,8 @@ if loss == "ce":
     warn_ignored(config, _explicit, SNCE_KEYS + ("label_smoothing",),  # noqa: F821
                  "loss=ce trains on the stored codes (hard labels)")
 elif loss == "ls":
-    warn_ignored(config, _explicit, SNCE_KEYS, "loss=ls smooths the stored codes uniformly (label_smoothing is its eps)")  # noqa: F821
+    warn_ignored(config, _explicit, SNCE_KEYS,  # noqa: F821
+                 "loss=ls smooths the stored codes uniformly (label_smoothing is its eps)")
 else:
     warn_ignored(config, _explicit, ("label_smoothing",), "loss=snce takes soft targets from tau")  # noqa: F821
     if tau > 0 and target_perplexity > 0 and "target_perplexity" in _explicit:  # noqa: F821
@@ -490,10 +507,11 @@ clf, clf_ref = None, None  # the classifier; (mu, sigma) of its features on the 
 if eval_classifier:
     from mnist_classifier import IMAGE_SHAPE, NUM_CLASSES, conditional_accuracy, feature_stats, \
         frechet_lenet_distance, load_classifier
-    if (tok.config.in_channels, tok.config.image_size, tok.config.image_size) != IMAGE_SHAPE or num_classes > NUM_CLASSES:
+    decoded = (tok.config.in_channels, tok.config.image_size, tok.config.image_size)
+    if decoded != IMAGE_SHAPE or num_classes > NUM_CLASSES:
         raise ValueError(f"eval_classifier={eval_classifier!r} scores {IMAGE_SHAPE} images of at most "
-                         f"{NUM_CLASSES} classes (MNIST); this tokenizer decodes "
-                         f"{(tok.config.in_channels, tok.config.image_size, tok.config.image_size)} images of {num_classes} classes")
+                         f"{NUM_CLASSES} classes (MNIST); this tokenizer decodes {decoded} images of "
+                         f"{num_classes} classes")
     if master:
         clf = load_classifier(eval_classifier, device)
 
