@@ -8,16 +8,18 @@ classifier that always says 0 scores 1/C; a tokenizer whose images it can't read
 """
 
 import os
+import sys
 
 import pytest
 import torch
 
-import data
-import mnist_classifier as mc
-from common import read_jsonl
-from encode import encode_split
-from helpers import NUM_CLASSES, class_images, make_tokenizer_ckpt
-from test_train import base_args, enc, run_train  # noqa: F401 (fixture)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import mnist_classifier as mc  # noqa: E402
+from common import read_jsonl  # noqa: E402
+from encode import encode_split  # noqa: E402
+from helpers import NUM_CLASSES, class_images, make_encoded, make_tokenizer_ckpt  # noqa: E402
+from test_train import base_args, run_train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,11 @@ def enc32(tmp_path_factory):
         encode_split(ckpt, split, os.path.join(root, split), batch_size=16,
                      dataset=(torch.utils.data.TensorDataset(x, y), list(range(NUM_CLASSES))))
     return os.path.join(root, "train"), os.path.join(root, "val"), ckpt
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    return make_encoded(str(tmp_path_factory.mktemp("enc")))
 
 
 def classifier(path, always_zero=False):

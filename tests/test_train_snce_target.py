@@ -8,14 +8,22 @@ clear errors.
 """
 
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-import tokenizer as tk
-from common import read_jsonl, save_checkpoint
-from test_train import assert_same_run, base_args, enc, run_train, weights  # noqa: F401 (fixture)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tokenizer as tk  # noqa: E402
+from common import read_jsonl, save_checkpoint  # noqa: E402
+from helpers import make_encoded  # noqa: E402
+from test_train import assert_same_run, base_args, run_train, weights  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    return make_encoded(str(tmp_path_factory.mktemp("enc")))
 
 
 def naive_residuals(g, idx):
