@@ -26,6 +26,22 @@ Every objective goes through snce.fused_linear_snce_levels (all RQ levels in one
 logged objective is the token mean over levels; the eval also logs the held-out hard-label NLL
 (the same number whatever the objective, so runs compare).
 
+SNCE's softness: tau is in the tokenizer's distance units, so by default (tau = 0) train.py
+calibrates one tau per level at startup (calibrate.calibrate_tau, bisection on log tau) so that
+the target's mean perplexity exp H(q) over a fixed sample of training residuals is
+target_perplexity (the number of codes it spreads over; 25 unless given). Whatever sets tau
+(calibrated, --tau, tau_scale=gap), the mean / median perplexity and mean top-1 mass of q per
+level are printed, stored in ckpt.pt ("q_info") and logged as the first log.jsonl record
+({"iter": 0, "snce_target": ...}); a resume reuses the stored taus.
+
+    python train.py config/study/train.py --target_perplexity=95 --out_dir=out/study/p95
+    python train.py config/study/train.py --eval_classifier=out/mnist_classifier/ckpt.pt
+
+Sample metrics (MNIST): with eval_classifier (a mnist_classifier.py checkpoint), every eval also
+generates eval_samples class-balanced samples (grid_* settings, fixed noise) and logs their
+conditional accuracy and Frechet LeNet distance to the val digits (sample_accuracy,
+sample_accuracy_per_class, sample_fld, sample_seconds).
+
 Run directory (out_dir): ckpt.pt (written atomically at every eval, iteration 0 included),
 log.jsonl (one JSON record per logged step or eval; pandas.read_json(path, lines=True)) and
 samples_<iter>.png grids. A scratch run refuses a directory that already holds a run. A resume
@@ -56,6 +72,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+from calibrate import calibrate_tau, q_stats
 from common import (append_jsonl, batch_indices, check_choice, check_range, check_resume,
                     config_diff, configure, fingerprint, init_distributed, lr_at, load_checkpoint,
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
@@ -81,7 +98,16 @@ bias = False
 mask_schedule = "cosine"     # maskgit only
 # objective
 loss = "snce"                # ce | snce | ls
-tau = 1.0                    # SNCE temperature (Eq. 5); the paper's best on ImageNet is 1.0
+tau = 0.0                    # SNCE temperature (Eq. 5) in the tokenizer's distance units (the
+                             # paper's best: 1.0 for its IBQ dot-product tokenizer); 0 = calibrate
+                             # one tau per level to target_perplexity (calibrate.py)
+target_perplexity = 25.0     # with tau = 0: the mean exp(H(q)) over a fixed sample of training
+                             # residuals, i.e. how many codes a target spreads over (1 = CE, K =
+                             # uniform). Unlike tau it transfers between tokenizers. On MNIST-5k
+                             # with one VQ level of K = 16,384 (the README's Results, 400 steps)
+                             # perplexity ~5 gave the best held-out NLL, ~95 (top-1 mass 0.20) the
+                             # best FID, and ~25 (top-1 mass 0.44) was the one setting better than
+                             # CE on both (NLL 6.125 vs 6.175, FID 161.6 vs 172.5)
 tau_scale = "none"           # none: tau as is (the paper: one level); gap: level l uses tau times
                              # the median gap d(2nd nearest) - d(nearest) of its residuals, since
                              # RQ residuals shrink level by level and one absolute tau can't fit all
@@ -110,6 +136,9 @@ grid_cfg_scale = 2.0
 grid_temperature = 1.0
 grid_top_k = 0               # 0 = no top-k
 grid_steps = 8               # maskgit decoding steps
+eval_classifier = ""         # an MNIST classifier checkpoint (mnist_classifier.py): at every eval,
+                             # conditional accuracy and Frechet LeNet distance of generated samples
+eval_samples = 1000          # samples per eval for those metrics, class-balanced (grid_* settings)
 # system
 device = "cpu"               # cpu | cuda
 dtype = "bfloat16"           # autocast dtype on CUDA (bfloat16 | float32); CPU runs in float32
@@ -136,18 +165,31 @@ for key, lo, hi, lo_open, hi_open in (
         ("eval_iters", 0, None, False, False), ("log_interval", 1, None, False, False),
         ("grid_per_class", 1, None, False, False), ("grid_top_k", 0, None, False, False),
         ("grid_steps", 1, None, False, False), ("grid_temperature", 0, None, True, False),
-        ("grid_cfg_scale", 0, None, False, False), ("tau", 0, None, True, False),
+        ("grid_cfg_scale", 0, None, False, False), ("tau", 0, None, False, False),
+        ("target_perplexity", 0, None, False, False), ("eval_samples", 2, None, False, False),
         ("label_smoothing", 0, 1, False, True), ("class_dropout", 0, 1, False, False),
         ("dropout", 0, 1, False, True)):
     check_range(config, key, lo, hi, lo_open, hi_open)
+SNCE_KEYS = ("tau", "target_perplexity", "tau_scale", "metric")  # what sets the SNCE target
 if loss == "ce":
-    warn_ignored(config, _explicit, ("tau", "tau_scale", "metric", "label_smoothing"),  # noqa: F821
+    warn_ignored(config, _explicit, SNCE_KEYS + ("label_smoothing",),  # noqa: F821
                  "loss=ce trains on the stored codes (hard labels)")
 elif loss == "ls":
-    warn_ignored(config, _explicit, ("tau", "tau_scale", "metric"),  # noqa: F821
+    warn_ignored(config, _explicit, SNCE_KEYS,  # noqa: F821
                  "loss=ls smooths the stored codes uniformly (label_smoothing is its eps)")
 else:
     warn_ignored(config, _explicit, ("label_smoothing",), "loss=snce takes soft targets from tau")  # noqa: F821
+    if tau > 0 and target_perplexity > 0 and "target_perplexity" in _explicit:  # noqa: F821
+        raise ValueError(f"tau={tau} and target_perplexity={target_perplexity}: give one (tau=0 "
+                         "calibrates tau to target_perplexity; target_perplexity=0 with tau > 0 uses tau)")
+    if tau == 0 and not target_perplexity > 1:
+        raise ValueError(f"tau=0 calibrates tau to target_perplexity, which must be > 1 (1 = CE's "
+                         f"one-hot target), got {target_perplexity}")
+    if tau == 0 and tau_scale != "none":
+        raise ValueError(f"tau_scale={tau_scale!r} scales a given tau per level; with tau=0 each "
+                         "level's tau is calibrated to target_perplexity: set tau_scale=none")
+if not eval_classifier:
+    warn_ignored(config, _explicit, ("eval_samples",), "no eval_classifier to score samples with")  # noqa: F821
 if mode == "ar":
     warn_ignored(config, _explicit, ("mask_schedule", "grid_steps"), "mode=ar never masks")  # noqa: F821
 
@@ -234,23 +276,65 @@ def get_batch(codes_src, latents_src, labels_src, idx):
     return codes, res, labels
 
 
-def level_taus(n_rows=2048, chunk=256):
-    """Per-level temperatures (L,) floats. 'gap': tau * median over the first training rows of
-    d(r_l, 2nd nearest code) - d(r_l, nearest code); the softmax of Eq. 5 only sees differences
-    of d, so this gap is the natural unit. Same rows on every rank, so the same taus."""
-    if loss != "snce" or tau_scale == "none":
-        return [float(tau)] * L
-    _, res, _ = get_batch(codes_mm, latents_mm, labels_mm, np.arange(min(N, -(-n_rows // (grid_h * grid_w)))))
-    res = res.view(-1, L, D)
+Q_ROWS = 4096  # training residuals per level behind the calibrated taus and the q statistics
+
+
+def q_sample(n_rows=Q_ROWS):
+    """Residuals (n, L, D) fp32 of every token of ceil(n_rows / (h*w)) training images spread
+    evenly over the split (encoded splits may be sorted by class, MNIST-5k is). Fixed rows, not
+    drawn from `seed`: every rank, and every seed of a study, gets the same taus."""
+    n_img = min(N, -(-n_rows // (grid_h * grid_w)))
+    idx = np.unique(np.linspace(0, N - 1, n_img).round().astype(np.int64))
+    return get_batch(codes_mm, latents_mm, labels_mm, idx)[1].view(-1, L, D)
+
+
+def level_taus(res, chunk=256):
+    """Per-level temperatures (L,) floats from the residual sample res (n, L, D), and a phrase
+    saying how. tau = 0: calibrate.calibrate_tau per level (bisection on log tau until the mean
+    perplexity is target_perplexity). tau_scale=gap: tau * the median of d(r_l, 2nd nearest
+    code) - d(r_l, nearest code); the softmax of Eq. 5 only sees differences of d, so this gap
+    is the natural unit. Otherwise tau on every level."""
+    if tau == 0:
+        if target_perplexity >= K:
+            raise ValueError(f"target_perplexity={target_perplexity}: expected a value below K={K} "
+                             f"(K = a uniform target over the codebook of {data_dir})")
+        return ([calibrate_tau(res[:, l], codebooks[l], target_perplexity, metric)[0] for l in range(L)],
+                f"calibrated to mean perplexity {target_perplexity:g}")
+    if tau_scale == "none":
+        return [float(tau)] * L, "given"
     gaps = []
     for l in range(L):
         top2 = torch.cat([dissimilarity(r, codebooks[l], metric).topk(2, largest=False).values
                           for r in res[:, l].split(chunk)])
         gaps.append(float(tau * (top2[:, 1] - top2[:, 0]).median().clamp_min(1e-12)))
-    return gaps
+    return gaps, f"tau_scale=gap: {tau:g} x each level's median gap"
 
 
-taus = level_taus()
+def snce_target(taus=None):
+    """-> {"taus", "how", "rows", "levels": per level calibrate.q_stats (mean / median
+    perplexity exp H(q), mean top-1 mass)} on the fixed residual sample. taus given (a resume
+    of a checkpoint without stored statistics): only the statistics are computed."""
+    t0, res = time.time(), q_sample()
+    taus, how = (taus, "from the checkpoint") if taus else level_taus(res)
+    levels = [q_stats(res[:, l], codebooks[l], taus[l], metric) for l in range(L)]
+    if master:
+        print(f"snce target: {time.time() - t0:.1f} s for the taus and q statistics")
+    return {"taus": taus, "how": how, "rows": len(res), "levels": levels}
+
+
+def report_target(info):
+    """Print q's softness per level; warn when it is nearly uniform or nearly one-hot."""
+    print(f"snce target q ({info['how']}; statistics over {info['rows']} training residuals per level):")
+    for l, (t, st) in enumerate(zip(info["taus"], info["levels"])):
+        print(f"  level {l}: tau {t:.4g} | perplexity exp H(q) mean {st['perplexity_mean']:.1f} median "
+              f"{st['perplexity_median']:.1f} (K={K}) | top-1 mass mean {st['top1_mass_mean']:.3f}")
+        if st["perplexity_mean"] > K / 4:
+            print(f"warning: level {l}: q is nearly uniform (mean perplexity {st['perplexity_mean']:.0f} "
+                  f"of K={K} codes at tau={t:.4g}): SNCE then teaches little about the data; tau is in "
+                  "the tokenizer's distance units, so use a smaller one or --tau=0 --target_perplexity=25")
+        elif st["top1_mass_mean"] > 0.99:
+            print(f"warning: level {l}: q is nearly one-hot (mean top-1 mass {st['top1_mass_mean']:.3f} "
+                  f"at tau={t:.4g}): SNCE is then CE; use a larger tau or --tau=0 --target_perplexity=25")
 
 # ---- model, optimizer, and the checkpoint we continue from ----
 model_args = dict(mode=mode, vocab_size=K, levels=L, grid_h=grid_h, grid_w=grid_w,
@@ -283,14 +367,23 @@ if init_from == "resume":
     elif decay_iters != saved_decay and master:
         print(f"warning: lr_decay_iters={decay_iters} changes the run's cosine schedule (it was "
               f"{saved_decay}) at iter {ck['iter']}: the learning rate jumps")
-    changed = config_diff(ck["config"], config, ("seed", "loss", "tau", "tau_scale", "metric",
-                                                 "label_smoothing", "batch_size", "learning_rate"))
+    changed = config_diff(ck["config"], config, ("seed", "loss") + SNCE_KEYS + (
+        "label_smoothing", "batch_size", "learning_rate"))
     if ck.get("world_size") != world_size:
         changed["world_size"] = (ck.get("world_size"), world_size)
     if changed and master:
         print(f"note: resuming with changed settings (checkpoint, now): {changed}; from here the "
               "run differs from one trained with either setting throughout")
     iter_num = ck["iter"]
+# ---- SNCE's target: per-level taus and how soft q is at them; a resume reuses the stored ones ----
+q_info, q_fresh = None, False
+if loss == "snce":
+    if (ck is not None and "taus" in ck and ck["config"].get("loss") == "snce"
+            and not config_diff(ck["config"], config, SNCE_KEYS)):
+        q_info = ck.get("q_info") or snce_target(ck["taus"])
+    else:
+        q_info, q_fresh = snce_target(), True
+taus = q_info["taus"] if q_info else [float(tau)] * L
 gptconf = GPTConfig(**model_args)
 model_args = asdict(gptconf)
 torch.manual_seed(seed)  # the same init on every rank (DDP also broadcasts rank 0's)
@@ -306,13 +399,20 @@ if ck is not None:
 if master:
     if init_from == "resume":  # the log continues from the checkpoint: later records are redone
         records = read_jsonl(log_path)
-        keep = [r for r in records if r.get("iter", 0) <= iter_num]
+        keep = [r for r in records if r.get("iter", 0) <= iter_num  # q_fresh: a new target
+                and not (q_fresh and r.get("iter") == iter_num and "snce_target" in r)]  # record
         rewrite_jsonl(log_path, keep)  # atomic, and drops a partial last line a kill left
         eval_logged = any(r["iter"] == iter_num and "val_nll" in r for r in keep)
+    q_record = {"iter": iter_num, "snce_target": q_info} if q_fresh else None
+    if q_record and init_from == "resume":  # the target from iter_num on; a scratch run logs it
+        append_jsonl(log_path, q_record)    # after its first checkpoint (a run dir starts with it)
+        q_record = None
     tokens_per_iter = gradient_accumulation_steps * batch_size * gptconf.seq_len
     print(f"{mode} {model_size}: {raw_model.num_params() / 1e6:.2f}M params, K={K}, T={gptconf.seq_len} "
           f"({grid_h}x{grid_w}x{L}), loss={loss}" + (f" tau={', '.join(f'{t:.3g}' for t in taus)} metric={metric}" if loss == "snce" else "")
           + f", {N} train images, {tokens_per_iter} tokens/iter, world {world_size}, device {device}")
+    if q_info:
+        report_target(q_info)
 if ddp:  # every rank must agree on whether the first eval is redone (it is a collective)
     flag = torch.tensor(int(eval_logged), device=device)
     dist.broadcast(flag, 0)
@@ -382,18 +482,62 @@ def evaluate():
             "val_nll_levels": (totals[0] / n).tolist()}
 
 
+@torch.no_grad()
+def generate_images(labels, chunk=500):
+    """Samples for labels (B,) from the EMA (or raw) model at the grid_* settings, decoded:
+    (B, C, S, S) fp32 on the CPU. The generator is seeded with `seed`, so every eval draws the
+    same noise; `chunk` samples per call bound the KV cache (chunk x T x layers)."""
+    g = torch.Generator(device).manual_seed(seed)
+    net = ema if ema is not None else raw_model
+    images = []
+    for lab in labels.split(chunk):
+        with autocast:
+            codes = net.generate(lab, cfg_scale=grid_cfg_scale, temperature=grid_temperature,
+                                 top_k=grid_top_k or None, steps=grid_steps if mode == "maskgit" else None,
+                                 generator=g)
+            images.append(tok.decode(codes).float().cpu())
+    return torch.cat(images)
+
+
 def save_sample_grid(path):
     """Class-conditional samples (rows = classes) from the EMA (or raw) model, decoded."""
     classes = list(grid_classes) or list(range(min(10, num_classes)))
     labels = torch.tensor(classes, device=device).repeat_interleave(grid_per_class)
-    g = torch.Generator(device).manual_seed(seed)
-    net = ema if ema is not None else raw_model
-    with autocast:
-        codes = net.generate(labels, cfg_scale=grid_cfg_scale, temperature=grid_temperature,
-                             top_k=grid_top_k or None, steps=grid_steps if mode == "maskgit" else None,
-                             generator=g)
-        images = tok.decode(codes).float()
-    data.save_grid(images, path, nrow=grid_per_class)
+    data.save_grid(generate_images(labels), path, nrow=grid_per_class)
+
+
+# ---- sample metrics at every eval: a classifier of the real digits scores generated ones ----
+clf, clf_ref = None, None  # the classifier; (mu, sigma) of its features on the val images
+if eval_classifier:
+    from mnist_classifier import IMAGE_SHAPE, NUM_CLASSES, conditional_accuracy, feature_stats, \
+        frechet_lenet_distance, load_classifier
+    decoded = (tok.config.in_channels, tok.config.image_size, tok.config.image_size)
+    if decoded != IMAGE_SHAPE or num_classes > NUM_CLASSES:
+        raise ValueError(f"eval_classifier={eval_classifier!r} scores {IMAGE_SHAPE} images of at most "
+                         f"{NUM_CLASSES} classes (MNIST); this tokenizer decodes {decoded} images of "
+                         f"{num_classes} classes")
+    if master:
+        clf = load_classifier(eval_classifier, device)
+
+
+@torch.no_grad()
+def sample_metrics():
+    """eval_samples class-balanced samples (class i % C for sample i), the same noise at every
+    eval; -> conditional accuracy (overall, per class) and the Frechet LeNet distance to the
+    images of the val split (real images, from the dataset val_dir was encoded from; their
+    feature statistics are computed at the first call and kept)."""
+    global clf_ref
+    t0 = time.time()
+    if clf_ref is None:
+        ds, _, _ = data.get_dataset(val_meta["dataset"], val_meta.get("split", "val"), tok.config.image_size,
+                                    val_meta.get("data_root", ""))
+        clf_ref = feature_stats(clf, torch.stack([ds[i][0] for i in range(len(ds))]))
+    labels = torch.arange(eval_samples) % num_classes
+    images = generate_images(labels.to(device))
+    acc = conditional_accuracy(clf, images, labels)
+    return {"sample_accuracy": acc["accuracy"], "sample_accuracy_per_class": acc["per_class"][:num_classes],
+            "sample_fld": frechet_lenet_distance(clf, images, clf_ref),
+            "sample_seconds": time.time() - t0}
 
 
 def save():
@@ -401,7 +545,8 @@ def save():
                      "ema": None if ema is None else ema.state_dict(), "iter": iter_num,
                      "model_args": model_args, "config": config, "meta": meta, "data_id": data_id,
                      "tokenizer_ckpt": portable_path(tok_path, out_dir), "tokenizer_fingerprint": tok_fp,
-                     "lr_decay_iters": decay_iters, "world_size": world_size, "taus": taus},
+                     "lr_decay_iters": decay_iters, "world_size": world_size, "taus": taus,
+                     "q_info": q_info},
                     ckpt_path)
 
 
@@ -449,10 +594,17 @@ while True:
         if master:
             grid_path = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
             save_sample_grid(grid_path)
+            if clf is not None:
+                ev.update(sample_metrics())
             print(f"eval {iter_num}: val nll {ev['val_nll']:.4f} | val {loss} {ev['val_loss']:.4f} | "
-                  f"per level {' '.join(f'{x:.3f}' for x in ev['val_nll_levels'])} | {grid_path}")
+                  f"per level {' '.join(f'{x:.3f}' for x in ev['val_nll_levels'])} | {grid_path}"
+                  + (f" | {eval_samples} samples: accuracy {ev['sample_accuracy']:.3f}, FLD "
+                     f"{ev['sample_fld']:.2f} ({ev['sample_seconds']:.1f} s)" if clf is not None else ""))
             if iter_num != start_iter or init_from == "scratch":  # else the checkpoint is this state
                 save()
+            if q_record:  # the first record of a scratch run's log
+                append_jsonl(log_path, q_record)
+                q_record = None
             append_jsonl(log_path, {"iter": iter_num, **ev, "grid": portable_path(grid_path, out_dir)})
         t_last += time.time() - t_eval  # eval time is not training throughput
     if iter_num >= max_iters:

@@ -29,7 +29,7 @@ from common import fingerprint, portable_path, read_jsonl, save_checkpoint  # no
 from helpers import NUM_CLASSES, make_encoded  # noqa: E402
 
 TIMING = ("tok_per_s", "peak_mem_gb", "ms_per_iter", "ms_data", "ms_forward", "ms_loss", "ms_backward",
-          "ms_optimizer")
+          "ms_optimizer", "sample_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def with_identity(enc, root, tok_ckpt=None):
 def base_args(enc, out_dir, **kw):
     args = dict(data_dir=enc[0], val_dir=enc[1], out_dir=out_dir, model_size="tiny", batch_size=8,
                 max_iters=4, eval_interval=2, warmup_iters=1, learning_rate=3e-3, grid_per_class=2,
-                log_interval=1)
+                log_interval=1, tau=1.0)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -382,7 +382,7 @@ def test_bad_inputs_give_clear_errors(enc, tmp_path):
                             ("log_interval", 0, r"\[1, inf\)"), ("grid_per_class", 0, r"\[1, inf\)"),
                             ("ema_decay", 1.0, r"\[0, 1\)"), ("ema_decay", -0.1, r"\[0, 1\)"),
                             ("weight_decay", -0.01, r"\[0, inf\)"), ("max_iters", -1, r"\[0, inf\)"),
-                            ("tau", 0.0, r"\(0, inf\)"), ("label_smoothing", 1.0, r"\[0, 1\)")):
+                            ("tau", -0.5, r"\[0, inf\)"), ("label_smoothing", 1.0, r"\[0, 1\)")):
         bad(f"'{key}': expected a value in {rng}, got {value}", **{key: value})
     bad("no checkpoint at", FileNotFoundError, init_from="resume")
 

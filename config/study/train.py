@@ -6,7 +6,9 @@ data_dir = "out/study/tokenizer/encoded_train"
 val_dir = "out/study/tokenizer/encoded_val"
 model_size = "mini"
 mode = "ar"
-# tau_scale stays "none" (the default): one level, tau in the tokenizer's own units as in the paper
+# tau_scale stays "none" (the default): one level. SNCE's target: --tau=... in the tokenizer's own
+# units (as in the paper), or --target_perplexity=... (tau = 0, the default: tau calibrated at
+# startup so that the target spreads over that many codes on average; 25 unless given)
 batch_size = 32            # 32 x 64 = 2,048 tokens per step; 4,500 images = 140 steps per epoch
 max_iters = 400            # ~2.8 epochs
 learning_rate = 2e-3
