@@ -1,7 +1,8 @@
 """train.py's sample metrics at every eval (eval_classifier, eval_samples): on a tiny 32x32
 tokenizer (helpers.py) with tiny random classifiers saved in mnist_classifier.py's checkpoint
 format, the logged conditional accuracy and Frechet LeNet distance equal
-mnist_classifier's functions recomputed on the same samples against the MNIST-5k val digits; a
+mnist_classifier's functions recomputed on the same samples against the val images (generated
+here, standing in for the MNIST-5k val digits, so the suite needs no dataset); a
 classifier that always says 0 scores 1/C; a tokenizer whose images it can't read is an error.
 
     python -m pytest -q tests/test_train_sample_metrics.py
@@ -37,6 +38,21 @@ def enc32(tmp_path_factory):
     return os.path.join(root, "train"), os.path.join(root, "val"), ckpt
 
 
+VAL_IMAGES = class_images(40, size=32, seed=7)  # the "real val digits" the FLD compares with
+
+
+@pytest.fixture
+def fake_mnist(monkeypatch):
+    """data.get_dataset("mnist", ...) -> VAL_IMAGES, so the reference needs no MNIST download."""
+    real = data.get_dataset
+
+    def get_dataset(name, split, image_size, root=""):
+        if name != "mnist":
+            return real(name, split, image_size, root)
+        return torch.utils.data.TensorDataset(*VAL_IMAGES), 10, 1
+    monkeypatch.setattr(data, "get_dataset", get_dataset)
+
+
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
     return make_encoded(str(tmp_path_factory.mktemp("enc")))
@@ -53,7 +69,7 @@ def classifier(path, always_zero=False):
     return path
 
 
-def test_logged_metrics_equal_recomputed(enc32, tmp_path):
+def test_logged_metrics_equal_recomputed(enc32, tmp_path, fake_mnist):
     out = str(tmp_path / "o")
     clf_path = classifier(str(tmp_path / "clf.pt"))
     g = run_train(base_args(enc32, out, max_iters=1, eval_interval=1, eval_classifier=clf_path,
@@ -65,7 +81,7 @@ def test_logged_metrics_equal_recomputed(enc32, tmp_path):
     assert images.shape == (30, 1, 32, 32)
     clf = mc.load_classifier(clf_path)
     acc = mc.conditional_accuracy(clf, images, labels)
-    val = data.load_mnist("val")[0]
+    val = VAL_IMAGES[0]
     last = recs[-1]
     assert last["sample_accuracy"] == acc["accuracy"]
     assert last["sample_accuracy_per_class"] == acc["per_class"][:NUM_CLASSES]
@@ -73,7 +89,7 @@ def test_logged_metrics_equal_recomputed(enc32, tmp_path):
     assert last["sample_seconds"] > 0
 
 
-def test_always_zero_classifier_scores_one_over_c(enc32, tmp_path):
+def test_always_zero_classifier_scores_one_over_c(enc32, tmp_path, fake_mnist):
     out = str(tmp_path / "o")
     run_train(base_args(enc32, out, max_iters=0, eval_classifier=classifier(str(tmp_path / "z.pt"), True),
                         eval_samples=12))
@@ -82,7 +98,7 @@ def test_always_zero_classifier_scores_one_over_c(enc32, tmp_path):
     assert rec["sample_accuracy_per_class"] == [1.0, 0.0, 0.0]
 
 
-def test_classifier_needs_32x32_digits(enc, enc32, tmp_path, capsys):
+def test_classifier_needs_32x32_digits(enc, enc32, tmp_path, capsys, fake_mnist):
     clf_path = classifier(str(tmp_path / "clf.pt"))
     with pytest.raises(ValueError, match=r"scores \(1, 32, 32\) images .* decodes \(1, 8, 8\) images"):
         run_train(base_args(enc, str(tmp_path / "o"), max_iters=0, eval_classifier=clf_path))
