@@ -138,15 +138,16 @@ def run_job(job, a, threads):
     d = os.path.join(a.out, name)
     tok = os.path.join(a.out, f"k{K}", "tokenizer")
     log = os.path.join(d + ".log")  # beside the run: train.py refuses a scratch dir holding files
-    state = run_state(d, a.iters, a.fid_samples)
+    fid_samples = a.fid_samples if seed in a.fid_seeds else 0
+    state = run_state(d, a.iters, fid_samples)
     if state in ("scratch", "resume"):
         sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--init_from={state}", f"--seed={seed}",
             f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val", f"--max_iters={a.iters}",
             f"--lr_decay_iters={a.iters}", f"--eval_interval={a.iters // a.evals}",
             f"--eval_classifier={a.classifier}", f"--eval_samples={a.eval_samples}"]
            + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
-    if state != "done" and a.fid_samples:
-        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={a.fid_samples}",
+    if state != "done" and fid_samples:
+        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",
             f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
         for f in os.listdir(d):  # the .npz behind the FID (3 MB) is not needed afterwards
             if f.endswith(".npz"):
@@ -366,18 +367,32 @@ def plots(a, res):
     # perplexity sweep at the largest K
     big = res[ks[-1]]
     sweep = sorted((float(n.split("=")[1]), r) for n, r in big.items() if n.startswith("SNCE p="))
-    if sweep:
-        fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
+    toy = read_json(a.toy_metrics, "toy metrics") if os.path.isfile(a.toy_metrics) else {}
+    if sweep or toy.get("tau_sweep"):
+        fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4.5 * (len(METRICS) + 1), 3.8))
         for ax, (key, label, _) in zip(axes, METRICS):
             for p, runs in sweep:
-                v = [r[key][a.iters] for r in runs.values()]
+                v = [r[key][a.iters] for r in runs.values() if a.iters in r[key]]
+                if not v:
+                    continue
                 ax.errorbar(p, np.mean(v), yerr=[[np.mean(v) - min(v)], [max(v) - np.mean(v)]], fmt="o", color="C3",
                             capsize=3)
             for i, name in enumerate(n for n in big if not n.startswith(("SNCE", "MaskGIT"))):
-                ax.axhline(np.mean([r[key][a.iters] for r in big[name].values()]), ls="--", color=f"C{i}", label=name)
+                v = [r[key][a.iters] for r in big[name].values() if a.iters in r[key]]
+                if v:
+                    ax.axhline(np.mean(v), ls="--", color=f"C{i}", label=name)
             ax.set(xscale="log", xlabel="target perplexity exp H(q)", ylabel=label,
                    title=f"K = {ks[-1]:,}: final {label} vs softness")
             ax.legend(fontsize=7)
+        ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
+        if toy.get("tau_sweep"):
+            t = sorted(toy["tau_sweep"], key=float)
+            ax.plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3", label="SNCE")
+            ax.axhline(np.mean(toy["ce"]["tv"]), color="C0", ls="--", label="CE")
+            ax.set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities", title="toy.py: TV vs tau")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_axis_off()
         fig.tight_layout()
         fig.savefig(os.path.join(a.assets, "study_sweep.png"), dpi=110)
         plt.close(fig)
@@ -448,8 +463,12 @@ def parse(argv=None):
     p.add_argument("--eval_samples", type=int, default=1000, help="samples per eval (accuracy, FLD)")
     p.add_argument("--cfg", type=float, default=3.0, help="sample.py's cfg scale (train.py's is the config's)")
     p.add_argument("--fid_samples", type=int, default=1000, help="Inception FID at the last step; 0 = none")
+    p.add_argument("--fid_seeds", type=int, nargs="*", default=[0],
+                   help="the seeds whose runs get the Inception FID (~9 CPU-minutes each)")
     p.add_argument("--fid_weights", default=default_fid_weights(), help="Inception TorchScript (sample.py)")
     p.add_argument("--classifier", default=os.path.join("out", "mnist_classifier", "ckpt.pt"))
+    p.add_argument("--toy_metrics", default=os.path.join("assets", "toy_metrics.json"),
+                   help="toy.py's output with a tau_sweep, plotted beside the perplexity sweep")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"train.py overrides for every run, on top of {TRAIN_CONFIG} (e.g. device=cuda)")
