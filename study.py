@@ -501,6 +501,7 @@ def main(argv=None):
             list(pool.map(lambda K: tokenizer_stage(a.out, K, threads), a.ks))
     if "runs" in a.only:
         jobs = [j for j in a.jobs if any(fnmatch.fnmatch(j[0], pat) for pat in a.runs)]
+        jobs.sort(key=lambda j: (j[3], -j[1]))  # seed 0 first, largest K first: a cut-off study still compares
         with ThreadPoolExecutor(a.workers) as pool:
             for fut in [pool.submit(run_job, j, a, threads) for j in jobs]:
                 fut.result()
