@@ -29,10 +29,25 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   report      {out}/results.md (atomic) and assets/study_{delta,curves,grids,sweep,premise}.png
 Jobs run --workers at a time with cores / workers threads each.
 
-Budget (2 CPU cores, measured while the machine was shared with 4 other jobs; see the notes
-in the results): the default plan is 3 K x (3 CE + 3 SNCE + 1 LS) + 2 sweep + 6 MaskGIT = 29
-generator runs of --iters steps with --evals evals of --eval_samples samples each, plus 3
-tokenizers and one FID per run.
+Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 29 runs, FID for seed 0 only).
+Measured on this 2-core machine while it was shared with 4-5 other jobs (load 6-7), so in CPU
+seconds of one thread; "quiet" = CPU x 1.8, the factor between the CPU time measured here and the
+wall time the previous study saw on the idle machine with 2 workers x 1 thread (K = 16,384 CE:
+0.59 CPU-s vs 1.06 s per step):
+  item (one worker, one thread)               measured (CPU-s)   quiet (s)   count   worker-min
+  train step, K = 16,384, CE / SNCE p=25      0.59 / 0.56        1.06        15 x 1200   318
+  train step, K = 4,096 (interpolated)        ~0.30              0.54        7 x 1200    76
+  train step, K = 1,024, CE / SNCE            0.21 / 0.21        0.37        7 x 1200    52
+  eval, 1,000 samples, cfg 3, AR, K = 16,384  107 (2 threads)    190         9 x 9       257
+  eval, AR, K = 4,096 / 1,024 (estimated)     -                  120 / 95    7 x 9 each  226
+  eval, MaskGIT, K = 16,384 (estimated)       -                  60          6 x 9       54
+  Inception FID, 1,000 samples                9 core-min         540         13          117
+  tokenizer, 600 steps + encode               1.9 s/step (idle)  ~1,200      3           60
+  SNCE tau calibration at startup             27-55 (wall)       30          14          7
+  total                                                                                  ~1,170
+= ~9.7 h with 2 workers (1.0 h of it the step-0 evals, which train.py cannot skip yet). What
+was cut to fit: one label-smoothing seed per K and one seed for the sweep's perplexities 5 and
+95 (25 has 3), Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
 """
 
 import argparse
@@ -458,7 +473,7 @@ def parse(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="largest K only")
     p.add_argument("--sweep_seeds", type=int, nargs="*", default=[0])
     p.add_argument("--maskgit_seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=1600, help="training steps per run")
+    p.add_argument("--iters", type=int, default=1200, help="training steps per run")
     p.add_argument("--evals", type=int, default=8, help="evals per run after step 0 (eval_interval = iters / evals)")
     p.add_argument("--eval_samples", type=int, default=1000, help="samples per eval (accuracy, FLD)")
     p.add_argument("--cfg", type=float, default=3.0, help="sample.py's cfg scale (train.py's is the config's)")
