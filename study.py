@@ -142,9 +142,9 @@ def tokenizer_stage(out, K, threads):
         resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
         sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--codebook_size={K}", f"--out_dir={tok}",
             f"--init_from={resume}"], log, threads)
-    for split in ("train", "val"):  # a no-op when already encoded with these weights
-        if not os.path.isfile(os.path.join(tok, f"encoded_{split}", "meta.json")):
-            sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
+    for split in ("train", "val"):  # encode.py: a no-op when already encoded with these weights, an
+        # error when encoded with other ones (e.g. by hand from an unfinished tokenizer)
+        sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
     return tok
 
 
