@@ -309,8 +309,10 @@ def report(a, jobs):
         tok = os.path.join(a.out, f"k{K}", "tokenizer")
         m = read_json(os.path.join(tok, "metrics.json"), "tokenizer metrics") if os.path.isfile(
             os.path.join(tok, "metrics.json")) else {}
-        info = (f"tokenizer: val PSNR {m['psnr']:.2f} dB, val code usage {m['util'][0]:.3f} (perplexity "
-                f"{m['ppl'][0]:.0f})" if m else "tokenizer: no metrics.json")
+        info = (f"tokenizer: val PSNR {m['psnr']:.2f} dB; share of the K codes used by the 32,000 val tokens "
+                f"{m['util'][0]:.3f} (usage perplexity {m['ppl'][0]:.0f}), by the training tokens of the last "
+                f"steps {m['train_util_window'][0]:.3f} (perplexity {m['train_ppl_window'][0]:.0f})"
+                if m else "tokenizer: no metrics.json")
         parts.append(f"## K = {K:,}\n\n{info}\n\n{table(K, res[K], a.iters)}\n")
     pm = os.path.join(a.out, "premise.json")
     if os.path.isfile(pm):

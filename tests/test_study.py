@@ -202,7 +202,8 @@ def test_study_end_to_end(tmp_path):
     make_tokenizer_ckpt(os.path.join(tok, "ckpt.pt"), image_size=32, channels=(8, 8, 8), downsample=4, levels=1,
                         codebook_size=64, source={"dataset": "mnist", "data_root": ""})
     with open(os.path.join(tok, "metrics.json"), "w") as f:  # "trained": the config's max_iters reached
-        json.dump({"iter": 10 ** 6, "psnr": 10.0, "util": [0.5], "ppl": [30.0]}, f)
+        json.dump({"iter": 10 ** 6, "psnr": 10.0, "util": [0.5], "ppl": [30.0], "train_util_window": [0.75],
+                   "train_ppl_window": [40.0]}, f)
     torch.manual_seed(0)
     clf = os.path.join(root, "clf.pt")
     mc.save_classifier(mc.LeNet(), {"val_accuracy": 0.0}, clf)
@@ -227,7 +228,7 @@ def test_study_end_to_end(tmp_path):
     assert (cfg["loss"], cfg["target_perplexity"], cfg["mode"], cfg["lr_decay_iters"]) == ("snce", 4.0, "maskgit", 4)
     for n in ("CE", "SNCE p=4", "LS eps=0.1", "MaskGIT CE", "MaskGIT SNCE p=4"):
         assert f"| {n} | 1 |" in text
-    assert "## Premise" in text
+    assert "## Premise" in text and "val PSNR 10.00 dB" in text and "training tokens of the last steps 0.750" in text
     for png in ("delta", "curves", "grids", "sweep", "premise"):
         assert os.path.isfile(os.path.join(root, "assets", f"study_{png}.png"))
     assert study.main(args) == text  # everything done: nothing re-run, the same report
