@@ -163,7 +163,8 @@ def run_job(job, a, threads):
            + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
     if state != "done" and fid_samples:
         sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",
-            f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
+            f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs"]
+           + [f"--{k}={a.set[k]}" for k in ("device", "dtype") if k in a.set], log, threads)
         for f in os.listdir(d):  # the .npz behind the FID (3 MB) is not needed afterwards
             if f.endswith(".npz"):
                 os.remove(os.path.join(d, f))
