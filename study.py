@@ -272,8 +272,8 @@ def collect(a, jobs):
 
 def table(K, objs, iters):
     """The markdown table of one K: per metric the final value (mean ± half-range over seeds) and
-    the first step at which the seed-mean curve reaches CE's final mean."""
-    ce = objs.get("CE")
+    the first step at which the seed-mean curve reaches CE's final mean (MaskGIT CE's for MaskGIT)."""
+    ces = {"CE": objs.get("CE"), "MaskGIT": objs.get("MaskGIT CE")}  # MaskGIT rows against MaskGIT CE
     head = ["objective", "seeds"]
     for _, label, _ in METRICS:
         head += [f"{label} @ {iters}", f"steps to CE's {label}"]
@@ -281,6 +281,7 @@ def table(K, objs, iters):
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, runs in objs.items():
         cells = [name, str(len(runs))]
+        ce = ces["MaskGIT" if name.startswith("MaskGIT") else "CE"]
         for key, _, up in METRICS:
             its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
             if not len(its) or its[-1] != iters:
@@ -303,14 +304,16 @@ def report(a, jobs):
     res = collect(a, jobs)
     if not res:
         raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
-    parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run, {a.evals} evals of "
-             f"{a.eval_samples} class-balanced samples (cfg {a.cfg:g}) each. Mean ± half-range over seeds; "
-             "steps to CE's value: first eval at which the seed-mean curve reaches CE's final mean.\n"]
+    parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run, evals at step 0 and every "
+             f"{a.iters // a.evals} steps of {a.eval_samples} class-balanced samples (cfg {a.cfg:g}). Mean ± "
+             "half-range over seeds; steps to CE's value: first eval at which the seed-mean curve reaches CE's "
+             "final mean (MaskGIT rows: MaskGIT CE's). Inception FID: the seeds in --fid_seeds only.\n"]
     for K in sorted(res):
         tok = os.path.join(a.out, f"k{K}", "tokenizer")
         m = read_json(os.path.join(tok, "metrics.json"), "tokenizer metrics") if os.path.isfile(
             os.path.join(tok, "metrics.json")) else {}
-        info = (f"tokenizer: val PSNR {m['psnr']:.2f} dB; share of the K codes used by the 32,000 val tokens "
+        info = (f"tokenizer: val PSNR {m['psnr']:.2f} dB; share of the K codes used by the val tokens "
+                f"({m['images']} digits) "
                 f"{m['util'][0]:.3f} (usage perplexity {m['ppl'][0]:.0f}), by the training tokens of the last "
                 f"steps {m['train_util_window'][0]:.3f} (perplexity {m['train_ppl_window'][0]:.0f})"
                 if m else "tokenizer: no metrics.json")
@@ -405,7 +408,8 @@ def plots(a, res):
         ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
         if toy.get("tau_sweep"):
             t = sorted(toy["tau_sweep"], key=float)
-            ax.plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3", label="SNCE")
+            ax.plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3",
+                    label="SNCE")
             ax.axhline(np.mean(toy["ce"]["tv"]), color="C0", ls="--", label="CE")
             ax.set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities", title="toy.py: TV vs tau")
             ax.legend(fontsize=7)

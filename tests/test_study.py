@@ -202,8 +202,8 @@ def test_study_end_to_end(tmp_path):
     make_tokenizer_ckpt(os.path.join(tok, "ckpt.pt"), image_size=32, channels=(8, 8, 8), downsample=4, levels=1,
                         codebook_size=64, source={"dataset": "mnist", "data_root": ""})
     with open(os.path.join(tok, "metrics.json"), "w") as f:  # "trained": the config's max_iters reached
-        json.dump({"iter": 10 ** 6, "psnr": 10.0, "util": [0.5], "ppl": [30.0], "train_util_window": [0.75],
-                   "train_ppl_window": [40.0]}, f)
+        json.dump({"iter": 10 ** 6, "psnr": 10.0, "images": 500, "util": [0.5], "ppl": [30.0],
+                   "train_util_window": [0.75], "train_ppl_window": [40.0]}, f)
     torch.manual_seed(0)
     clf = os.path.join(root, "clf.pt")
     mc.save_classifier(mc.LeNet(), {"val_accuracy": 0.0}, clf)
@@ -235,3 +235,13 @@ def test_study_end_to_end(tmp_path):
     for n in names:
         d = os.path.join(out, "k64", n)
         assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[n]
+
+
+def test_table_compares_maskgit_with_maskgit_ce():
+    def runs(nll):  # one seed, val NLL only
+        return {0: {"val_nll": dict(zip([0, 4, 8], nll)), "sample_accuracy": {}, "sample_fld": {}}}
+    objs = {"CE": runs([9.0, 3.0, 2.0]), "MaskGIT CE": runs([9.0, 6.0, 5.0]), "MaskGIT SNCE p=4": runs([9.0, 4.0, 3.0])}
+    rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
+            for r in study.table(64, objs, 8).splitlines()[2:]}
+    assert rows["MaskGIT SNCE p=4"][2:4] == ["3.000 ± 0.000", "4"]  # reaches MaskGIT CE's 5.0 at 4, never AR CE's 2.0
+    assert rows["MaskGIT CE"][2:4] == ["5.000 ± 0.000", "8"] and rows["CE"][4] == "—"  # no accuracy logged
