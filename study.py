@@ -431,8 +431,9 @@ def premise_stage(a):
     import matplotlib.pyplot as plt
 
     names = ["original"] + list(pics)
-    fig = plt.figure(figsize=(12, 1.1 * len(names) + 3))
-    gs = fig.add_gridspec(len(names) + 3, 2, width_ratios=(2.2, 1))
+    rows = len(names)
+    fig = plt.figure(figsize=(12, 1.3 * rows + 1))
+    gs = fig.add_gridspec(rows, 2, width_ratios=(2.2, 1), hspace=0.6)
     for i, n in enumerate(names):
         ax = fig.add_subplot(gs[i, 0])
         row = real if n == "original" else pics[n]
@@ -441,7 +442,7 @@ def premise_stage(a):
         ax.set_title(n if n in ("original", "random") else f"k = {n}", fontsize=8, loc="left")
     ks = [k for k in res if k != "random"]
     for j, (key, label) in enumerate((("psnr", "PSNR (dB)"), ("accuracy", "classifier accuracy"))):
-        ax = fig.add_subplot(gs[j * (len(names) + 3) // 2:(j + 1) * (len(names) + 3) // 2, 1])
+        ax = fig.add_subplot(gs[j * rows // 2 + j:(j + 1) * rows // 2, 1])  # two stacked plots, a row apart
         ax.plot([int(k) for k in ks], [res[k][key] for k in ks], "o-")
         ax.axhline(res["random"][key], ls="--", color="gray", label="random code")
         ax.set(xscale="log", xlabel="k (k-th nearest code)", ylabel=label)
