@@ -423,7 +423,7 @@ def plots(a, res):
 def premise_stage(a):
     big = max(a.ks)
     out = os.path.join(a.out, "premise.json")
-    if os.path.isfile(out):
+    if os.path.isfile(out) and os.path.isfile(os.path.join(a.assets, "study_premise.png")):
         return
     res, pics, real = premise(os.path.join(a.out, f"k{big}", "tokenizer"), a.classifier)
     import matplotlib
