@@ -26,8 +26,10 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
               k-th nearest code to its latent (k = 1 is the tokenizer's own code) or a random
               code -> {out}/premise.json (PSNR, classifier accuracy per k), assets/study_premise.png
-  report      {out}/results.md (atomic) and assets/study_{delta,curves,grids,sweep,premise}.png
+  report      {out}/results.md (atomic, with the premise table) and assets/study_{delta,curves,
+              grids,sweep}.png
 Jobs run --workers at a time with cores / workers threads each.
+Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
 
 Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 29 runs, FID for seed 0 only).
 Measured on this 2-core machine while it was shared with 4-5 other jobs (load 6-7), so in CPU
