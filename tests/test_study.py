@@ -1,9 +1,9 @@
-"""study.py: the report (table numbers, best-over-cfg FID, steps to CE's final value) from
-hand-made run logs, argument errors, and the whole driver end to end on a tiny encoded dataset
-with a fake Inception (train.py and sample.py run as subprocesses, as in a real study)."""
+"""study.py: the plan, resumability decisions, steps-to-target and the table from hand-made run
+logs, the k-th nearest code against a naive sort, the premise numbers against a direct decode,
+argument errors, and (slow) the driver end to end on a tiny tokenizer with a random classifier
+and a fake Inception (train.py and sample.py run as subprocesses, as in a real study)."""
 
 import json
-import math
 import os
 import sys
 
@@ -15,203 +15,233 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fid  # noqa: E402
-from common import read_jsonl  # noqa: E402
+import data  # noqa: E402
+import mnist_classifier as mc  # noqa: E402
 import study  # noqa: E402
+from common import read_jsonl  # noqa: E402
+from encode import encode_split  # noqa: E402
+from helpers import make_tokenizer_ckpt  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
-from helpers import make_encoded  # noqa: E402
+from tokenizer import Tokenizer, psnr  # noqa: E402
 
 
-def write_run(out, name, seed, nll, fid):
-    """nll: {iter: v}; fid: {(iter, cfg): v} as train.py / sample.py would log them."""
-    d = study.run_dir(out, name, seed)
-    os.makedirs(d)
+def test_plan_pairs_objectives_by_seed():
+    jobs = study.plan([1024, 16384], [0, 1, 2], 25.0, [0], [5.0, 25.0, 95.0], [0], [0, 1, 2])
+    names = [j[0] for j in jobs]
+    assert len(names) == len(set(names))
+    # per K: 3 CE + 3 SNCE + 1 LS; largest K: + 2 sweep (25 is the main SNCE) + 6 MaskGIT
+    assert sum(n.startswith("k1024/") for n in names) == 7 and sum(n.startswith("k16384/") for n in names) == 15
+    by = {j[0]: j for j in jobs}
+    assert by["k1024/ce_s2"][2:] == ("CE", 2, {"loss": "ce"})
+    assert by["k16384/snce_p25_s1"][4] == {"loss": "snce", "target_perplexity": 25.0}
+    assert by["k16384/snce_p95_s0"][4] == {"loss": "snce", "target_perplexity": 95.0}
+    assert by["k16384/maskgit_snce_p25_s2"][4] == {"loss": "snce", "target_perplexity": 25.0, "mode": "maskgit"}
+    assert by["k1024/ls0.1_s0"][4] == {"loss": "ls", "label_smoothing": 0.1}
+    assert "k1024/snce_p95_s0" not in by and "k1024/maskgit_ce_s0" not in by  # largest K only
+
+
+def write_log(d, curves, fid=None, iters=None):
+    """curves: {key: {iter: v}} written as train.py's eval records; fid: the final FID."""
+    os.makedirs(d, exist_ok=True)
+    its = sorted(set().union(*(set(c) for c in curves.values())))
     with open(os.path.join(d, "log.jsonl"), "w") as f:
-        for it, v in nll.items():
+        f.write(json.dumps({"iter": 0, "snce_target": {}}) + "\n")
+        for it in its:
             f.write(json.dumps({"iter": it, "loss": 9.0}) + "\n")  # a training line: ignored
-            f.write(json.dumps({"iter": it, "val_nll": v, "val_loss": v + 1}) + "\n")
-    with open(os.path.join(d, "fid.jsonl"), "w") as f:
-        for (it, cfg), v in fid.items():
-            f.write(json.dumps({"fid": v, "num_samples": 1000, "iter": it, "cfg_scale": cfg}) + "\n")
-        f.write(json.dumps({"fid": 0.1, "num_samples": 10, "iter": 200, "cfg_scale": 1.5}) + "\n")  # other n
+            f.write(json.dumps({"iter": it, **{k: c[it] for k, c in curves.items() if it in c}}) + "\n")
+    if fid is not None:
+        with open(os.path.join(d, "fid.jsonl"), "w") as f:
+            f.write(json.dumps({"fid": 1e9, "num_samples": 10, "iter": iters, "cfg_scale": 3.0}) + "\n")  # other n
+            f.write(json.dumps({"fid": fid, "num_samples": 1000, "iter": iters, "cfg_scale": 3.0}) + "\n")
+
+
+def test_run_state(tmp_path):
+    d = str(tmp_path / "r")
+    assert study.run_state(d, 8, 1000) == "scratch"
+    write_log(d, {"val_nll": {0: 9.0, 4: 8.0}})
+    assert study.run_state(d, 8, 1000) == "scratch"  # a log without a checkpoint is not resumable
+    open(os.path.join(d, "ckpt.pt"), "w").close()
+    assert study.run_state(d, 8, 1000) == "resume"
+    write_log(d, {"val_nll": {0: 9.0, 4: 8.0, 8: 7.0}})
+    assert study.run_state(d, 8, 1000) == "fid"
+    assert study.run_state(d, 8, 0) == "done"  # no FID asked for
+    write_log(d, {"val_nll": {0: 9.0, 4: 8.0, 8: 7.0}}, fid=20.0, iters=8)
+    assert study.run_state(d, 8, 1000) == "done"
+    assert study.run_state(d, 8, 500) == "fid"  # another sample count
+    assert study.run_state(d, 12, 1000) == "resume"  # --iters raised later
+
+
+def test_steps_to_and_seed_stats():
+    its = np.array([0, 10, 20, 30])
+    assert study.steps_to(its, [5.0, 4.0, 3.0, 3.5], 3.0, False) == 20
+    assert study.steps_to(its, [5.0, 4.0, 3.9, 3.5], 3.0, False) is None
+    assert study.steps_to(its, [0.1, 0.5, 0.95, 0.9], 0.9, True) == 20
+    assert study.steps_to(its, [0.1, 0.5, 0.85, 0.8], 0.9, True) is None
+    its, m, lo, hi = study.seed_stats([{0: 1.0, 10: 2.0, 20: 5.0}, {0: 3.0, 10: 4.0}])
+    assert its.tolist() == [0, 10] and m.tolist() == [2.0, 3.0] and lo.tolist() == [1.0, 2.0]
+    assert hi.tolist() == [3.0, 4.0]
+    a = {0: {"x": {8: 1.0}}, 1: {"x": {8: 2.0}}, 2: {"x": {4: 0.0}}}
+    b = {0: {"x": {8: 1.5}}, 1: {"x": {8: 1.0}}, 3: {"x": {8: 9.0}}}
+    assert study.paired_delta(a, b, "x", 8).tolist() == [0.5, -1.0]  # seeds 0 and 1 only
 
 
 def report_args(out, *extra):
-    return ["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--iters", "200",
-            "--fid_at", "100", "200", "--cfg", "3", "1.5", "--taus", "0.01", "--ls", "0.1", "--seeds", "0", "1",
-            "--toy_metrics", os.path.join(out, "none.json"), *extra]
+    return ["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--ks", "64", "--iters", "8",
+            "--evals", "2", "--seeds", "0", "1", "--ls_seeds", "0", "--perplexity", "4", "--sweep", "4",
+            "--maskgit_seeds", *extra]
 
 
 def test_report_numbers(tmp_path):
     out = str(tmp_path)
-    its = [50, 100, 150, 200]
+    k = os.path.join(out, "k64")
     for s, off in ((0, 0.0), (1, 0.2)):
-        write_run(out, "CE", s, dict(zip(its, np.add([6.0, 5.0, 4.5, 4.4], off))),
-                  {(100, 1.5): 30 + 10 * off, (100, 3.0): 25 + 10 * off,
-                   (200, 1.5): 20 + 10 * off, (200, 3.0): 22 + 10 * off})
-        write_run(out, "SNCE tau=0.01", s, dict(zip(its, np.add([5.5, 4.6, 4.3, 4.2], off))),
-                  {(100, 1.5): 19 + 10 * off, (100, 3.0): 22, (200, 1.5): 15 + 10 * off, (200, 3.0): 18})
-        write_run(out, "LS eps=0.1", s, dict(zip(its, [7.0] * 4)),
-                  {(100, 1.5): 40, (100, 3.0): 41, (200, 1.5): 40, (200, 3.0): 41})
-    table = study.main(report_args(out))
-    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
-    # CE: final NLL mean 4.5 +- 0.1; FID curve at the first cfg (3): (25, 27), (22, 24); at the last
-    # step the best over the sweep: (20, 22) via cfg 1.5
-    assert rows["CE"][2] == "4.500 ± 0.100" and rows["CE"][3] == "4.500 (200)"
-    assert rows["CE"][4:7] == ["26.0 ± 1.0", "23.0 ± 1.0", "21.0 ± 1.0 (cfg 1.5/1.5)"]
-    assert "CE's final NLL (4.500)" in table and "CE's final FID (23.0)" in table
-    # SNCE: mean NLL 4.4 at step 150 <= 4.5; mean FID (cfg 3) 22 at step 100 <= 23
-    assert rows["SNCE tau=0.01"][4:9] == ["22.0 ± 0.0", "18.0 ± 0.0", "16.0 ± 1.0 (cfg 1.5/1.5)", "150", "100 |"]
-    assert rows["LS eps=0.1"][7:9] == ["not reached", "not reached |"]
-    assert rows["CE"][7:9] == ["200", "200 |"]  # CE reaches its own final values at the end
+        write_log(os.path.join(k, f"ce_s{s}"), {"val_nll": {0: 9.0, 4: 5.0 + off, 8: 4.4 + off},
+                                                 "sample_accuracy": {0: 0.1, 4: 0.5, 8: 0.8 + off / 2},
+                                                 "sample_fld": {0: 900.0, 4: 100.0, 8: 50.0 + 10 * off}}, 30 + s, 8)
+        write_log(os.path.join(k, f"snce_p4_s{s}"), {"val_nll": {0: 9.0, 4: 4.5, 8: 4.2 + off},
+                                                     "sample_accuracy": {0: 0.1, 4: 0.9, 8: 0.95},
+                                                     "sample_fld": {0: 900.0, 4: 60.0, 8: 40.0}}, 20, 8)
+    write_log(os.path.join(k, "ls0.1_s0"), {"val_nll": {0: 9.0, 4: 6.0, 8: 5.0}, "sample_accuracy": {0: 0.1, 4: 0.2,
+                                                                                                  8: 0.3},
+                                             "sample_fld": {0: 900.0, 4: 300.0, 8: 200.0}})
+    write_log(os.path.join(k, "ls0.1_s1"), {"val_nll": {0: 9.0}})  # not in the plan (ls_seeds 0)
+    text = study.main(report_args(out))
+    rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
+            for r in text.splitlines() if r.startswith("| ") and "---" not in r}
+    # CE: NLL (4.4, 4.6) -> 4.500 ± 0.100, reached at 8; accuracy (0.8, 0.9) -> 0.850 ± 0.050; FLD (50, 52)
+    assert rows["CE"][1:] == ["2", "4.500 ± 0.100", "8", "0.850 ± 0.050", "8", "51.000 ± 1.000", "8", "30.5 ± 0.5"]
+    # SNCE: its mean curve reaches CE's final NLL 4.5 at step 4 (4.5), accuracy 0.85 at 4 (0.9), FLD 51 at 8
+    assert rows["SNCE p=4"][1:] == ["2", "4.300 ± 0.100", "4", "0.950 ± 0.000", "4", "40.000 ± 0.000", "8",
+                                    "20.0 ± 0.0"]
+    assert rows["LS eps=0.1"][1:] == ["1", "5.000 ± 0.000", "not reached", "0.300 ± 0.000", "not reached",
+                                      "200.000 ± 0.000", "not reached", "—"]
     with open(os.path.join(out, "results.md")) as f:
-        assert f.read() == table
-    for png in ("study_curves.png", "study_tau.png"):
+        assert f.read() == text
+    for png in ("study_delta.png", "study_curves.png", "study_sweep.png"):
         assert os.path.getsize(os.path.join(out, "assets", png)) > 1000
 
 
-def test_report_skips_unfinished_runs_and_idle_columns(tmp_path):
-    """A run still training (no NLL / FID at --iters yet) is left out, not allowed to cut its
-    objective's curves short; with one cfg and one FID step the sweep and FID-convergence columns go."""
+def test_report_leaves_out_unfinished_runs(tmp_path):
     out = str(tmp_path)
+    k = os.path.join(out, "k64")
     for s in (0, 1):
-        write_run(out, "CE", s, {100: 5.0 + s, 200: 4.0 + s}, {(200, 3.0): 30.0 + s})
-    write_run(out, "SNCE tau=0.01", 0, {100: 4.5, 200: 3.5}, {(200, 3.0): 20.0})
-    write_run(out, "SNCE tau=0.01", 1, {100: 9.0}, {})  # in progress
-    args = report_args(out, "--fid_at", "200", "--cfg", "3")
-    table = study.main(args)
-    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
-    assert rows["objective"][4:] == ["FID @ 200", "steps to CE's final NLL (4.500) |"]
-    assert rows["CE"][2:] == ["4.500 ± 0.500", "4.500 (200)", "30.5 ± 0.5", "200 |"]
-    assert rows["SNCE tau=0.01"][2:] == ["3.500 ± 0.000", "3.500 (200)", "20.0 ± 0.0", "100 |"]  # 4.5 at 100
-    assert "LS eps=0.1" not in rows
-    assert "Incomplete (fewer finished seeds than asked): SNCE tau=0.01, LS eps=0.1." in table
+        write_log(os.path.join(k, f"ce_s{s}"), {"val_nll": {0: 9.0, 4: 5.0, 8: 4.0 + s}})
+    write_log(os.path.join(k, "snce_p4_s0"), {"val_nll": {0: 9.0, 4: 3.0}})  # still training
+    text = study.main(report_args(out))
+    assert "| CE | 2 | 4.500 ± 0.500 |" in text and "SNCE" not in text.split("|---")[-1]
+    with pytest.raises(SystemExit, match="no finished runs"):
+        study.main(report_args(str(tmp_path / "empty")))
 
 
-def test_report_fid_step_not_measured_for_every_objective(tmp_path):
-    """An objective without FID at an early --fid_at step: "—" there, and reaching CE's final FID at
-    its first measured step can only be bounded ("<= step")."""
-    out = str(tmp_path)
-    for s in (0, 1):
-        write_run(out, "CE", s, {100: 5.0, 200: 4.0}, {(100, 3.0): 40.0, (200, 3.0): 30.0})
-        write_run(out, "SNCE tau=0.01", s, {100: 4.5, 200: 3.5}, {(200, 3.0): 20.0})
-        write_run(out, "LS eps=0.1", s, {100: 6.0, 200: 5.0}, {(100, 3.0): 25.0, (200, 3.0): 20.0})
-    table = study.main(report_args(out, "--cfg", "3"))
-    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in table.splitlines() if r.startswith("| ")}
-    assert rows["SNCE tau=0.01"][4:] == ["—", "20.0 ± 0.0", "200", "<= 200 |"]
-    assert rows["LS eps=0.1"][4:] == ["25.0 ± 0.0", "20.0 ± 0.0", "not reached", "100 |"]
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+def test_kth_nearest_codes_matches_naive_sort(metric):
+    g = torch.Generator().manual_seed(0)
+    z, book = torch.randn(37, 5, generator=g), torch.randn(50, 5, generator=g)
+    z64, b64 = z.double(), book.double()
+    d = ((z64[:, None] - b64[None]) ** 2).sum(-1) if metric == "l2" else -(z64 @ b64.t())
+    order = torch.tensor(np.argsort(d.numpy(), axis=1, kind="stable"))
+    for k in (1, 2, 7, 50):
+        got = study.kth_nearest_codes(z, book, k, metric, chunk=8)  # chunks of 8 rows: 5 chunks
+        assert torch.equal(got, order[:, k - 1]), k
+    for bad in (0, 51):
+        with pytest.raises(ValueError, match="expected 1..50"):
+            study.kth_nearest_codes(z, book, bad, metric)
 
 
-def test_mean_curve_and_steps_to():
-    runs = [{"nll": {0: 3.0, 50: 2.0, 100: 1.0}}, {"nll": {0: 5.0, 50: 4.0}}]  # seed 2 stopped early
-    its, m, lo, hi = study.mean_curve(runs, "nll")
-    assert its.tolist() == [0, 50] and m.tolist() == [4.0, 3.0] and lo.tolist() == [3.0, 2.0]
-    assert study.steps_to(its, m, 3.0) == 50 and study.steps_to(its, m, 2.9) is None
-
-
-def test_q_statistics_match_naive_rows(tmp_path):
-    """Top-1 mass and perplexity of q on the first n training latents, against a per-row float64
-    computation of Eq. 5 from the tokenizer's first codebook (l2, as the encoded meta says)."""
-    from common import read_json
-    from tokenizer import Tokenizer
-
-    train_dir, _, ckpt = make_encoded(str(tmp_path))
-    tok = os.path.join(str(tmp_path), "tok")
-    os.makedirs(tok)
-    os.rename(train_dir, os.path.join(tok, "encoded_train"))
-    os.rename(ckpt, os.path.join(tok, "tok.pt"))  # meta.json stores it relative to the encoding
-    ckpt = os.path.join(tok, "tok.pt")
-    assert read_json(os.path.join(tok, "encoded_train", "meta.json"))["metric"] == "l2"
-    z = np.load(os.path.join(tok, "encoded_train", "latents.npy"))
-    z = torch.from_numpy(z.reshape(-1, z.shape[-1])).double()[:50]  # latents in file order, first 50
-    book = Tokenizer.from_checkpoint(ckpt).codebooks[0].double()
-    got = study.q_statistics(tok, [0.05, 0.5], n=50)
-    for tau in (0.05, 0.5):
-        top1, ppl = [], []
-        for row in z:
-            d = ((row - book) ** 2).sum(-1)
-            q = torch.exp(-(d - d.min()) / tau)
-            q /= q.sum()
-            top1.append(q[d.argmin()].item())
-            ppl.append(math.exp(-sum(p * math.log(p) for p in q.tolist() if p > 0)))
-        assert got[f"SNCE tau={tau:g}"] == pytest.approx((sum(top1) / 50, sum(ppl) / 50), rel=1e-4)
+def test_premise_matches_direct_decode(tmp_path):
+    """k = 1 is the tokenizer's own code: the PSNR / accuracy of decoding the stored codes; k = 2
+    decodes the second nearest code to each stored latent."""
+    ckpt = str(tmp_path / "tokenizer" / "ckpt.pt")
+    os.makedirs(os.path.dirname(ckpt))
+    make_tokenizer_ckpt(ckpt, image_size=32, channels=(8, 8, 8), downsample=4, levels=1, codebook_size=300,
+                        code_dim=4, source={"dataset": "mnist", "data_root": ""})
+    encode_split(ckpt, "val", batch_size=250)
+    torch.manual_seed(0)
+    clf_path = str(tmp_path / "clf.pt")
+    mc.save_classifier(mc.LeNet(), {"val_accuracy": 0.0}, clf_path)
+    res, pics, real = study.premise(str(tmp_path / "tokenizer"), clf_path, n_show=4)
+    assert list(res) == ["1", "2", "4", "16", "256", "random"]
+    tok = Tokenizer.from_checkpoint(ckpt)
+    codes = torch.from_numpy(np.load(str(tmp_path / "tokenizer" / "encoded_val" / "codes.npy"))).long()
+    x, y = data.load_mnist("val")
+    with torch.no_grad():
+        rec = tok.decode(codes).clamp(-1, 1)
+    assert res["1"]["psnr"] == pytest.approx(psnr(rec, x).mean().item(), rel=1e-5)
+    clf = mc.load_classifier(clf_path)
+    assert res["1"]["accuracy"] == pytest.approx(mc.conditional_accuracy(clf, rec, y)["accuracy"])
+    assert torch.allclose(pics["1"], rec[[0, 166, 333, 499]], atol=1e-5) and torch.equal(real, x[[0, 166, 333, 499]])
+    # k = 2: the second nearest code to each stored latent, by a float64 sort
+    z = torch.from_numpy(np.load(str(tmp_path / "tokenizer" / "encoded_val" / "latents.npy"))).double()
+    d = ((z[..., None, :] - tok.codebooks[0].double()) ** 2).sum(-1)  # (N, 8, 8, K)
+    second = d.argsort(-1)[..., 1:2]
+    with torch.no_grad():
+        rec2 = tok.decode(second).clamp(-1, 1)
+    assert res["2"]["psnr"] == pytest.approx(psnr(rec2, x).mean().item(), rel=1e-5)
+    assert res["2"]["psnr"] != pytest.approx(res["1"]["psnr"], rel=1e-3)
 
 
 def test_argument_errors(tmp_path):
     out = str(tmp_path)
-    with pytest.raises(SystemExit, match="no finished CE runs"):
-        study.main(report_args(out))
-    for bad in (["--fid_at", "100"], ["--fid_at", "120", "200"], ["--taus", "0"], ["--ls", "1.0"],
-                ["--set", "model_size"]):
+    for bad in (["--iters", "10", "--evals", "3"], ["--perplexity", "1"], ["--sweep", "0.5"],
+                ["--set", "model_size"], ["--only", "nothing"]):
         with pytest.raises(SystemExit):
-            study.parse(report_args(out, *bad))
+            study.parse(["--report_only", "--out", out] + bad)
     with pytest.raises(SystemExit):
-        study.parse(["--fid_weights", os.path.join(out, "missing.pt")])
+        study.parse(["--only", "runs", "--fid_weights", os.path.join(out, "missing.pt")])
 
 
-@pytest.mark.slow  # train.py and sample.py subprocesses: 271 s measured on 2 shared cores
+@pytest.mark.slow  # train.py and sample.py subprocesses
 def test_study_end_to_end(tmp_path):
-    """Tokenizer stage skipped (--tokenizer), 3 objectives x 1 seed, FID at steps 2 and 4,
-    2 workers; then a second call finds everything done and changes nothing."""
+    """A tiny one-level MNIST tokenizer put where the tokenizer stage finds it finished, a random
+    classifier, a fake Inception: 3 AR objectives x 1 seed + MaskGIT at K=64, the premise, the
+    report; a second call finds everything done and changes nothing."""
     root = str(tmp_path)
-    train_dir, val_dir, tok_ckpt = make_encoded(root)
-    tok = os.path.join(root, "tok")
+    out = os.path.join(root, "study")
+    tok = os.path.join(out, "k64", "tokenizer")
     os.makedirs(tok)
-    os.rename(tok_ckpt, os.path.join(tok, "tok.pt"))  # meta.json finds it relative to the encodings
-    os.rename(train_dir, os.path.join(tok, "encoded_train"))
-    os.rename(val_dir, os.path.join(tok, "encoded_val"))
+    make_tokenizer_ckpt(os.path.join(tok, "ckpt.pt"), image_size=32, channels=(8, 8, 8), downsample=4, levels=1,
+                        codebook_size=64, source={"dataset": "mnist", "data_root": ""})
+    with open(os.path.join(tok, "metrics.json"), "w") as f:  # "trained": the config's max_iters reached
+        json.dump({"iter": 10 ** 6, "psnr": 10.0, "images": 500, "util": [0.5], "ppl": [30.0],
+                   "train_util_window": [0.75], "train_ppl_window": [40.0]}, f)
+    torch.manual_seed(0)
+    clf = os.path.join(root, "clf.pt")
+    mc.save_classifier(mc.LeNet(), {"val_accuracy": 0.0}, clf)
     weights = os.path.join(root, "fake_inception.pt")
     torch.jit.save(torch.jit.script(FakeInception()), weights)
-    out = os.path.join(root, "study")
-    # the real images' statistics, pre-cached: the "synthetic" dataset exists only in this process
-    feats = fid.load_inception(weights)
-    ref = fid.FeatureStats(32)
-    ref.add(feats(fid.to_uint8(torch.rand(20, 1, 8, 8) * 2 - 1)))
-    mu, sigma = ref.mu_sigma()
-    os.makedirs(os.path.join(out, "fid_refs"))
-    np.savez(os.path.join(out, "fid_refs", f"synthetic_val_8_fake_inception.pt_{os.path.getsize(weights)}.npz"),
-             mu=mu, sigma=sigma)
-    args = ["--out", out, "--assets", os.path.join(root, "assets"), "--tokenizer", tok, "--iters", "4",
-            "--fid_at", "2", "4", "--cfg", "1.5", "--num_samples", "6", "--sample_batch", "3", "--seeds", "0",
-            "--taus", "0.5", "--ls", "0.1", "--workers", "2", "--fid_weights", weights,
-            "--toy_metrics", os.path.join(ROOT, "assets", "toy_metrics.json"),
-            "--set", "model_size=tiny", "batch_size=8", "eval_interval=2", "grid_per_class=2", "warmup_iters=1"]
-    table = study.main(args)
-    names = ["CE", "SNCE tau=0.5", "LS eps=0.1"]
-    assert [r.split(" | ")[0][2:] for r in table.splitlines() if r.startswith("| ") and "---" not in r][1:] == names
+    args = ["--out", out, "--assets", os.path.join(root, "assets"), "--ks", "64", "--iters", "4", "--evals", "2",
+            "--seeds", "0", "--ls_seeds", "0", "--perplexity", "4", "--sweep", "4", "--maskgit_seeds", "0",
+            "--eval_samples", "10", "--fid_samples", "6", "--fid_weights", weights, "--classifier", clf,
+            "--workers", "2", "--only", "tokenizers", "runs", "premise", "report",
+            "--set", "model_size=tiny", "batch_size=8", "grid_per_class=2", "warmup_iters=1"]
+    text = study.main(args)
+    names = ["ce_s0", "snce_p4_s0", "ls0.1_s0", "maskgit_ce_s0", "maskgit_snce_p4_s0"]
     logs = {}
-    for name in names:
-        d = study.run_dir(out, name, 0)
-        fids = read_jsonl(os.path.join(d, "fid.jsonl"))
-        assert [(r["iter"], r["cfg_scale"], r["num_samples"]) for r in fids] == [(2, 1.5, 6), (4, 1.5, 6)]
-        assert all(np.isfinite(r["fid"]) and r["fid"] >= 0 for r in fids)
-        evals = [r["iter"] for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
-        assert evals == [0, 2, 4]  # the resumed segment does not re-evaluate step 2
+    for n in names:
+        d = os.path.join(out, "k64", n)
+        evals = [r for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
+        assert [r["iter"] for r in evals] == [0, 2, 4] and all("sample_accuracy" in r for r in evals)
+        assert [(r["iter"], r["num_samples"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))] == [(4, 6)]
         assert not [f for f in os.listdir(d) if f.endswith(".npz")]
-        logs[name] = open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read()
-    cfg = torch.load(os.path.join(study.run_dir(out, "SNCE tau=0.5", 0), "ckpt.pt"), weights_only=False)["config"]
-    assert (cfg["loss"], cfg["tau"], cfg["model_size"], cfg["lr_decay_iters"]) == ("snce", 0.5, "tiny", 4)
-    for png in ("study_curves.png", "study_tau.png", "study_grids.png"):
-        assert os.path.isfile(os.path.join(root, "assets", png))
-    assert study.main(args) == table  # everything done: nothing re-run, the same report
-    for name in names:
-        d = study.run_dir(out, name, 0)
-        assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[name]
-    # a FID step missing from a run already past it (the step joined --fid_at later): a replay from
-    # scratch to that step gives the same weights (checked on the val NLL) and the FID there
-    d = study.run_dir(out, "SNCE tau=0.5", 0)
-    fids = read_jsonl(os.path.join(d, "fid.jsonl"))
-    with open(os.path.join(d, "fid.jsonl"), "w") as f:
-        f.write(json.dumps(fids[1]) + "\n")
-    study.main(args)
-    again = read_jsonl(os.path.join(d, "fid.jsonl"))
-    assert [(r["iter"], r["cfg_scale"]) for r in again] == [(4, 1.5), (2, 1.5)]
-    assert again[1]["fid"] == pytest.approx(fids[0]["fid"], rel=1e-6)  # same weights, same sampling seed
-    assert not [f for f in os.listdir(d) if f.startswith("replay")]
-    with open(os.path.join(d, "fid.jsonl"), "w") as f:  # a run whose logged NLL the replay cannot match
-        f.write(json.dumps(fids[1]) + "\n")
-    lines = open(os.path.join(d, "log.jsonl")).read().replace('"val_nll": ', '"val_nll": 1', 1)
-    with open(os.path.join(d, "log.jsonl"), "w") as f:
-        f.write(lines)
-    with pytest.raises(RuntimeError, match="differs from the run"):
-        study.main(args)
+        logs[n] = open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read()
+    cfg = torch.load(os.path.join(out, "k64", "maskgit_snce_p4_s0", "ckpt.pt"), weights_only=False)["config"]
+    assert (cfg["loss"], cfg["target_perplexity"], cfg["mode"], cfg["lr_decay_iters"]) == ("snce", 4.0, "maskgit", 4)
+    for n in ("CE", "SNCE p=4", "LS eps=0.1", "MaskGIT CE", "MaskGIT SNCE p=4"):
+        assert f"| {n} | 1 |" in text
+    assert "## Premise" in text and "val PSNR 10.00 dB" in text and "training tokens of the last steps 0.750" in text
+    for png in ("delta", "curves", "grids", "sweep", "premise"):
+        assert os.path.isfile(os.path.join(root, "assets", f"study_{png}.png"))
+    assert study.main(args) == text  # everything done: nothing re-run, the same report
+    for n in names:
+        d = os.path.join(out, "k64", n)
+        assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[n]
+
+
+def test_table_compares_maskgit_with_maskgit_ce():
+    def runs(nll):  # one seed, val NLL only
+        return {0: {"val_nll": dict(zip([0, 4, 8], nll)), "sample_accuracy": {}, "sample_fld": {}}}
+    objs = {"CE": runs([9.0, 3.0, 2.0]), "MaskGIT CE": runs([9.0, 6.0, 5.0]), "MaskGIT SNCE p=4": runs([9.0, 4.0, 3.0])}
+    rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
+            for r in study.table(64, objs, 8).splitlines()[2:]}
+    assert rows["MaskGIT SNCE p=4"][2:4] == ["3.000 ± 0.000", "4"]  # reaches MaskGIT CE's 5.0 at 4, never AR CE's 2.0
+    assert rows["MaskGIT CE"][2:4] == ["5.000 ± 0.000", "8"] and rows["CE"][4] == "—"  # no accuracy logged
