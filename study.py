@@ -194,14 +194,15 @@ def premise(tok_dir, classifier, n_show=10, seed=0):
     import data
     from common import resolve_path
     from mnist_classifier import conditional_accuracy, load_classifier
-    from tokenizer import Tokenizer, psnr
+    from pretrained import load_any_tokenizer
+    from tokenizer import psnr
 
     enc = os.path.join(tok_dir, "encoded_val")
-    meta = read_json(os.path.join(enc, "meta.json"), "encoded val meta")
-    tok = Tokenizer.from_checkpoint(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint"))
+    meta, _, latents, _ = data.load_encoded(enc)
+    tok = load_any_tokenizer(resolve_path(meta["tokenizer_ckpt"], enc, "tokenizer checkpoint"))
     clf = load_classifier(classifier)
     x, y = data.load_mnist("val")
-    z = torch.from_numpy(np.load(os.path.join(enc, "latents.npy"))).float()  # (N, h, w, D)
+    z = torch.from_numpy(np.asarray(latents[:], dtype=np.float32))  # (N, h, w, D)
     book = tok.codebooks[0].float()
     # an evenly spread, class-mixed subset for the picture (the split is sorted by class)
     show = np.linspace(0, len(x) - 1, n_show).round().astype(int)
