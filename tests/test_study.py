@@ -148,9 +148,13 @@ def test_kth_nearest_codes_matches_naive_sort(metric):
             study.kth_nearest_codes(z, book, bad, metric)
 
 
-def test_premise_matches_direct_decode(tmp_path):
+def test_premise_matches_direct_decode(tmp_path, monkeypatch):
     """k = 1 is the tokenizer's own code: the PSNR / accuracy of decoding the stored codes; k = 2
-    decodes the second nearest code to each stored latent."""
+    decodes the second nearest code to each stored latent. 500 generated 32x32 images stand in
+    for the MNIST-5k val digits (the suite needs no dataset)."""
+    g = torch.Generator().manual_seed(3)
+    fake = (torch.rand(500, 1, 32, 32, generator=g) * 2 - 1, torch.arange(500) % 10)
+    monkeypatch.setattr(data, "load_mnist", lambda split: fake)
     ckpt = str(tmp_path / "tokenizer" / "ckpt.pt")
     os.makedirs(os.path.dirname(ckpt))
     make_tokenizer_ckpt(ckpt, image_size=32, channels=(8, 8, 8), downsample=4, levels=1, codebook_size=300,
@@ -177,7 +181,7 @@ def test_premise_matches_direct_decode(tmp_path):
     with torch.no_grad():
         rec2 = tok.decode(second).clamp(-1, 1)
     assert res["2"]["psnr"] == pytest.approx(psnr(rec2, x).mean().item(), rel=1e-5)
-    assert res["2"]["psnr"] != pytest.approx(res["1"]["psnr"], rel=1e-3)
+    assert (rec2 - rec).abs().max() > 1e-3  # k = 2 really decodes other codes than k = 1
 
 
 def test_argument_errors(tmp_path):
