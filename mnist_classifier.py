@@ -79,13 +79,17 @@ def random_shift(x, max_shift, generator):
 
 
 @torch.no_grad()
-def predict(clf, images, batch_size=500):
-    """Class logits (N, 10) in eval mode, batched."""
+def _batched(fn, clf, images, batch_size):
+    """fn(batch on clf's device) over images in eval mode, batch by batch; -> list of outputs."""
     images = _check_images(images)
     clf.eval()
     dev = next(clf.parameters()).device
-    return torch.cat([clf(images[i:i + batch_size].to(dev)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    return [fn(images[i:i + batch_size].to(dev)) for i in range(0, len(images), batch_size)]
+
+
+def predict(clf, images, batch_size=500):
+    """Class logits (N, 10) in eval mode, batched."""
+    return torch.cat([y.float().cpu() for y in _batched(clf, clf, images, batch_size)])
 
 
 def train_classifier(epochs=25, batch_size=64, lr=2e-3, weight_decay=1e-4, max_shift=2, seed=0,
@@ -177,12 +181,9 @@ def feature_stats(clf, images, batch_size=500):
     """Mean (128,) and unbiased covariance (128, 128) of the penultimate features, float64."""
     from fid import FeatureStats
 
-    images = _check_images(images)
-    clf.eval()
-    dev = next(clf.parameters()).device
     stats = FeatureStats(FEATURE_DIM)
-    for i in range(0, len(images), batch_size):
-        stats.add(clf.features(images[i:i + batch_size].to(dev)).cpu())
+    for f in _batched(clf.features, clf, images, batch_size):
+        stats.add(f.cpu())
     return stats.mu_sigma()
 
 

@@ -21,4 +21,3 @@ data_dir = "/data/encoded/emu131072/train"
 val_dir = "/data/encoded/emu131072/val"
 loss = "snce"
 tau = 1.0
-tau_scale = "none"

@@ -20,4 +20,3 @@ data_dir = "/data/encoded/ibq262144/train"
 val_dir = "/data/encoded/ibq262144/val"
 loss = "snce"
 tau = 1.0
-tau_scale = "none"
