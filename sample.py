@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from common import (append_jsonl, check_range, clean_stale_tmp, configure, fingerprint,
+from common import (append_jsonl, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
 from data import save_grid, to_uint8
@@ -80,9 +80,9 @@ def load_tokenizer(ck, dev, verbose=True):
     want = ck.get("tokenizer_fingerprint") or ck["meta"].get("tokenizer_fingerprint")
     if want is None:
         print(f"warning: {ckpt} predates tokenizer fingerprints: only K / L / grid of {path} were checked")
-    elif fingerprint(tok.state_dict()) != want:
+    elif (fp := tok.fingerprint()) != want:
         raise ValueError(f"tokenizer {path} is not the one {ckpt} was trained with (fingerprint "
-                         f"{fingerprint(tok.state_dict())}, expected {want}): pass --tokenizer_ckpt= "
+                         f"{fp}, expected {want}): pass --tokenizer_ckpt= "
                          "the tokenizer that encoded the generator's training data")
     return tok
 

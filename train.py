@@ -74,7 +74,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from calibrate import calibrate_tau, q_stats
 from common import (append_jsonl, batch_indices, check_choice, check_range, check_resume,
-                    config_diff, configure, fingerprint, init_distributed, lr_at, load_checkpoint,
+                    config_diff, configure, init_distributed, lr_at, load_checkpoint,
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
                     save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
@@ -241,7 +241,7 @@ batch_indices(N, seed, 0, rank, world_size, batch_size)  # raises if N can't fil
 tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir,
                                           f"tokenizer checkpoint named in {data_dir}/meta.json")
 tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
-tok_fp = fingerprint(tok.state_dict())
+tok_fp = tok.fingerprint()
 tc, where = tok.config, f"tokenizer {tok_path} vs {data_dir}/meta.json"
 if (tc.codebook_size, tc.levels, tc.code_dim, tok.grid, tok.grid) != (K, L, D, grid_h, grid_w):
     raise ValueError(f"{where}: the tokenizer has K={tc.codebook_size} L={tc.levels} D={tc.code_dim} "
