@@ -161,7 +161,8 @@ def run_job(job, a, threads):
         sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--init_from={state}", f"--seed={seed}",
             f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val", f"--max_iters={a.iters}",
             f"--lr_decay_iters={a.iters}", f"--eval_interval={a.iters // a.evals}",
-            f"--eval_classifier={a.classifier}", f"--eval_samples={a.eval_samples}"]
+            f"--eval_classifier={a.classifier}", f"--eval_samples={a.eval_samples}",
+            "--eval_samples_at_start=False"]
            + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
     if state != "done" and fid_samples:
         sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",

@@ -139,6 +139,7 @@ grid_steps = 8               # maskgit decoding steps
 eval_classifier = ""         # an MNIST classifier checkpoint (mnist_classifier.py): at every eval,
                              # conditional accuracy and Frechet LeNet distance of generated samples
 eval_samples = 1000          # samples per eval for those metrics, class-balanced (grid_* settings)
+eval_samples_at_start = True # False: no sample metrics at iter 0 (an untrained model's are chance)
 # system
 device = "cpu"               # cpu | cuda
 dtype = "bfloat16"           # autocast dtype on CUDA (bfloat16 | float32); CPU runs in float32
@@ -189,7 +190,7 @@ else:
         raise ValueError(f"tau_scale={tau_scale!r} scales a given tau per level; with tau=0 each "
                          "level's tau is calibrated to target_perplexity: set tau_scale=none")
 if not eval_classifier:
-    warn_ignored(config, _explicit, ("eval_samples",), "no eval_classifier to score samples with")  # noqa: F821
+    warn_ignored(config, _explicit, ("eval_samples", "eval_samples_at_start"), "no eval_classifier to score samples with")  # noqa: F821
 if mode == "ar":
     warn_ignored(config, _explicit, ("mask_schedule", "grid_steps"), "mode=ar never masks")  # noqa: F821
 
@@ -594,12 +595,12 @@ while True:
         if master:
             grid_path = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
             save_sample_grid(grid_path)
-            if clf is not None:
+            if clf is not None and (iter_num > 0 or eval_samples_at_start):
                 ev.update(sample_metrics())
             print(f"eval {iter_num}: val nll {ev['val_nll']:.4f} | val {loss} {ev['val_loss']:.4f} | "
                   f"per level {' '.join(f'{x:.3f}' for x in ev['val_nll_levels'])} | {grid_path}"
                   + (f" | {eval_samples} samples: accuracy {ev['sample_accuracy']:.3f}, FLD "
-                     f"{ev['sample_fld']:.2f} ({ev['sample_seconds']:.1f} s)" if clf is not None else ""))
+                     f"{ev['sample_fld']:.2f} ({ev['sample_seconds']:.1f} s)" if "sample_fld" in ev else ""))
             if iter_num != start_iter or init_from == "scratch":  # else the checkpoint is this state
                 save()
             if q_record:  # the first record of a scratch run's log

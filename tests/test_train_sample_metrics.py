@@ -89,6 +89,14 @@ def test_logged_metrics_equal_recomputed(enc32, tmp_path, fake_mnist):
     assert last["sample_seconds"] > 0
 
 
+def test_no_sample_metrics_at_start_when_asked(enc32, tmp_path, fake_mnist):
+    out = str(tmp_path / "o")
+    run_train(base_args(enc32, out, max_iters=1, eval_interval=1, eval_classifier=classifier(str(tmp_path / "c.pt")),
+                        eval_samples=10, eval_samples_at_start=False))
+    recs = [r for r in read_jsonl(os.path.join(out, "log.jsonl")) if "val_nll" in r]
+    assert [("sample_fld" in r) for r in recs] == [False, True]  # iter 0: NLL only; iter 1: both
+
+
 def test_always_zero_classifier_scores_one_over_c(enc32, tmp_path, fake_mnist):
     out = str(tmp_path / "o")
     run_train(base_args(enc32, out, max_iters=0, eval_classifier=classifier(str(tmp_path / "z.pt"), True),
