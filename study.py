@@ -58,6 +58,7 @@ import os
 import runpy
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -118,11 +119,38 @@ def run_state(d, iters, fid_samples):
     return "done"
 
 
+class Clock:
+    """Wall seconds spent on one piece of the study, summed over invocations (and sessions) in a
+    small text file that is rewritten every `every` seconds: a killed invocation loses at most that."""
+
+    def __init__(self, path, every=30.0):
+        self.path, self.every, self.stop = path, every, threading.Event()
+        self.base = float(open(path).read()) if os.path.isfile(path) else 0.0
+        self.t0, self.thread = time.time(), threading.Thread(target=self._beat, daemon=True)
+
+    def _write(self):
+        atomic_write_text(self.path, f"{self.base + time.time() - self.t0:.1f}\n")
+
+    def _beat(self):
+        while not self.stop.wait(self.every):
+            self._write()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._write()
+
+
 def sh(args, log, threads):
-    """Run a repo script, appending its output to log; a failure names the log to read."""
+    """Run a repo script, appending its output to log and its wall time to log's .seconds file; a
+    failure names the log to read."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f:
+    with open(log, "a") as f, Clock(os.path.splitext(log)[0] + ".seconds"):
         f.write("$ " + " ".join(args) + "\n")
         f.flush()
         rc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -304,6 +332,18 @@ def table(K, objs, iters):
     return "\n".join(lines)
 
 
+def compute_seconds(out):
+    """-> (wall seconds of the study's invocations, seconds summed over its pieces) from the
+    Clock files under out."""
+    pieces = 0.0
+    for root, _, files in os.walk(out):
+        for f in files:
+            if f.endswith(".seconds") and not (root == out and f == "wall.seconds"):
+                pieces += float(open(os.path.join(root, f)).read())
+    wall = os.path.join(out, "wall.seconds")
+    return (float(open(wall).read()) if os.path.isfile(wall) else 0.0), pieces
+
+
 def report(a, jobs):
     res = collect(a, jobs)
     if not res:
@@ -329,6 +369,9 @@ def report(a, jobs):
                      + " | ".join(p) + " |\n" + "|---" * (len(p) + 1) + "|\n| PSNR (dB) | "
                      + " | ".join(f"{v['psnr']:.2f}" for v in p.values()) + " |\n| accuracy | "
                      + " | ".join(f"{v['accuracy']:.3f}" for v in p.values()) + " |\n")
+    wall, pieces = compute_seconds(a.out)
+    parts.append(f"Compute: {wall / 3600:.2f} h wall for all study.py invocations (tokenizers, runs, FID, premise), "
+                 f"{pieces / 3600:.2f} h summed over the pieces run side by side (--workers).\n")
     text = "\n".join(parts)
     atomic_write_text(os.path.join(a.out, "results.md"), text)
     print(text)
@@ -518,6 +561,15 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    if a.only != ["report"]:
+        os.makedirs(a.out, exist_ok=True)
+        with Clock(os.path.join(a.out, "wall.seconds")):  # the study's wall time, all invocations
+            compute(a)
+    if "report" in a.only:
+        return report(a, a.jobs)
+
+
+def compute(a):
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     t0 = time.time()
     if "classifier" in a.only and not os.path.isfile(a.classifier):
@@ -536,8 +588,6 @@ def main(argv=None):
               "threads", flush=True)
     if "premise" in a.only:
         premise_stage(a)
-    if "report" in a.only:
-        return report(a, a.jobs)
 
 
 if __name__ == "__main__":

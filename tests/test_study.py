@@ -5,6 +5,7 @@ and a fake Inception (train.py and sample.py run as subprocesses, as in a real s
 
 import json
 import os
+import time
 import sys
 
 import numpy as np
@@ -249,3 +250,23 @@ def test_table_compares_maskgit_with_maskgit_ce():
             for r in study.table(64, objs, 8).splitlines()[2:]}
     assert rows["MaskGIT SNCE p=4"][2:4] == ["3.000 ± 0.000", "4"]  # reaches MaskGIT CE's 5.0 at 4, never AR CE's 2.0
     assert rows["MaskGIT CE"][2:4] == ["5.000 ± 0.000", "8"] and rows["CE"][4] == "—"  # no accuracy logged
+
+
+def test_clock_accumulates_across_invocations_and_beats(tmp_path):
+    out = tmp_path / "study"
+    (out / "k8").mkdir(parents=True)
+    path = str(out / "k8" / "ce_s0.seconds")
+    with study.Clock(path, every=0.02):
+        time.sleep(0.15)
+        mid = float(open(path).read())  # written while running: a kill loses at most `every`
+    first = float(open(path).read())
+    assert 0.05 < mid <= first and 0.15 <= first < 1.0
+    with study.Clock(path):
+        time.sleep(0.05)
+    second = float(open(path).read())
+    assert first + 0.05 <= second < first + 1.0  # the second invocation adds to the first
+    (out / "wall.seconds").write_text("100.0\n")
+    (out / "k8" / "tokenizer").mkdir()
+    (out / "k8" / "tokenizer" / "study.seconds").write_text("7.5\n")
+    wall, pieces = study.compute_seconds(str(out))
+    assert wall == 100.0 and pieces == pytest.approx(second + 7.5)  # wall.seconds is not a piece
