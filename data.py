@@ -197,15 +197,16 @@ def get_dataset(name, split, image_size, root=""):
 
 # -----------------------------------------------------------------------------
 # encoded datasets: {dir}/codes.npy, latents.npy, labels.npy (numpy memmaps) + meta.json, written
-# by encode.py (meta.json last, with complete=True), read by train.py
+# by encode.py (meta.json last, with complete=True), read by train.py. While complete=False,
+# encode.py's {dir}/progress/ records which blocks of rows are written, so it can resume.
 
 ENCODED = ("codes", "latents", "labels")
 LATENTS_DTYPES = ("float16", "int8")  # int8: + latents_scale.npy (N, h, w, 1) float16
 # what readers rely on; encode.py also records the source (dataset, split, classes, tokenizer)
 META_KEYS = ("codes_shape", "codes_dtype", "latents_shape", "latents_dtype", "labels_shape",
              "labels_dtype", "codebook_size", "levels", "code_dim", "num_classes", "metric")
-# keys that do not change what the arrays hold (where the tokenizer file is, progress, what was
-# measured while encoding)
+# keys that do not change what the arrays hold (where the tokenizer file is, whether it is
+# finished, what was measured while encoding)
 _NOT_IDENTITY = ("complete", "tokenizer_ckpt", "stored_code_flips")
 _MEASURED = ("stored_code_flips",)  # share of codes != the nearest code of the stored latents
 
@@ -246,10 +247,15 @@ class ScaledLatents:
 
 
 def existing_encoding(dir, meta, overwrite=False):
-    """True if dir already holds this exact, complete encoding (nothing to do; with overwrite it
-    is redone). Identity is everything in meta but the checkpoint's path, so a retrained
-    tokenizer (another tokenizer_fingerprint) is a different encoding: an error unless
-    overwrite. An interrupted identical one is redone."""
+    """What encode.py has to do in dir for this meta:
+    "done": dir holds this exact, complete encoding (nothing to do);
+    "resume": dir holds this encoding, interrupted (meta.json complete=False): keep its arrays
+      and the blocks already recorded done, encode the rest;
+    "new": nothing there yet, or overwrite (redo it all), or an interrupted one whose arrays are
+      missing or cut short (nothing in them can be trusted): create the arrays afresh.
+    Identity is everything in meta but the checkpoint's path and what is measured while
+    encoding, so a retrained tokenizer (another tokenizer_fingerprint) is a different encoding:
+    a FileExistsError unless overwrite, as are foreign .npy files without a meta.json."""
     path = os.path.join(dir, "meta.json")
     if not os.path.isfile(path):
         found = [f"{k}.npy" for k in ENCODED if os.path.exists(os.path.join(dir, f"{k}.npy"))]
@@ -257,21 +263,29 @@ def existing_encoding(dir, meta, overwrite=False):
             raise FileExistsError(f"{dir} holds {', '.join(found)} but no meta.json (not an encoding "
                                   "this repo wrote?): pass --overwrite=True to replace them or "
                                   "choose another --encode_dir")
-        return False
+        return "new"
     try:
         old = read_json(path, "encoded meta.json")
     except ValueError:
         if overwrite:
-            return False
+            return "new"
         raise
+    if overwrite:
+        return "new"
     ident = lambda m: {k: v for k, v in m.items() if k not in _NOT_IDENTITY}  # noqa: E731
     diff = {k: (old.get(k), meta.get(k)) for k in sorted(set(ident(old)) | set(ident(meta)))
             if old.get(k) != meta.get(k)}
-    if diff and not overwrite:
+    if diff:
         raise FileExistsError(f"{dir} holds a different encoding (meta.json differs, key: (there, "
                               f"now): {diff}); pass --overwrite=True to replace it or choose "
                               "another --encode_dir")
-    return not diff and not overwrite and bool(old.get("complete"))
+    if old.get("complete"):
+        return "done"
+    try:
+        open_encoded(dir, meta, "r")
+    except (FileNotFoundError, ValueError):
+        return "new"
+    return "resume"
 
 
 def create_encoded(dir, meta):

@@ -34,34 +34,47 @@ crop, and their mirrors: LlamaGen's extraction); rows i * views + r hold the vie
 labels repeated, meta.json says "augment" and "views". For codes-only (ce) runs or small-D
 tokenizers: ten views of D = 256 latents are 10x the disk. Running it again is a no-op when the
 directory already holds this encoding (same tokenizer weights, same data); a different one
-(e.g. a retrained tokenizer) is refused unless --overwrite=True. Ranks write disjoint contiguous
-slices of one memmap. From Python (tests): encode_split(ckpt, split, encode_dir, ...).
+(e.g. a retrained tokenizer) is refused unless --overwrite=True, which starts over. An interrupted
+run continues where it stopped: the images are encoded in blocks of BLOCK_IMAGES, and once a
+block's rows are flushed a marker {encode_dir}/progress/<first>-<end>.json records it (with its
+int8 code flips), so a kill loses at most one block per rank; the next run (with any number of
+ranks) keeps the arrays and encodes only the blocks without a marker. Each run's ranks take the
+remaining blocks round-robin, writing their rows of one memmap; at the end rank 0 sums the
+markers into meta.json (complete=true) and removes progress/.
+From Python (tests): encode_split(ckpt, split, encode_dir, ...).
 Tests: python -m pytest -q tests/test_tokenizer.py tests/test_data.py
 """
 
 import os
+import shutil
 from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 import data
-from common import portable_path, setup_device, shard_range
+from common import portable_path, read_json, setup_device, write_json
 from pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
 from tokenizer import TokenizerConfig
+
+BLOCK_IMAGES = 1024  # images per block: a kill loses at most one block's work per rank
+PROGRESS = "progress"  # {encode_dir}/progress/<lo>-<hi>.json: one marker per encoded block
 
 
 @torch.no_grad()
 def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batch_size=64,
                  num_workers=0, device="cpu", dtype="bfloat16", scan_images=False, dataset=None,
-                 dataset_name="", image_size=0, latents_dtype="float16", augment="none"):
+                 dataset_name="", image_size=0, latents_dtype="float16", augment="none",
+                 block_images=BLOCK_IMAGES):
     """Encode `split` of the checkpoint's dataset (or `dataset` = (torch Dataset, class list),
     e.g. in tests: images at crop_size(augment, image_size)) into encode_dir (default:
     encoded_{split} beside the checkpoint). dataset_name / image_size: required for a pretrained
-    tokenizer file (it records neither), checked against a repo checkpoint's. Every rank of an
-    initialized process group takes part. -> the encode dir."""
-    if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"expected batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+    tokenizer file (it records neither), checked against a repo checkpoint's. block_images:
+    images per resumable block (tests use small ones). Every rank of an initialized process
+    group takes part. -> the encode dir."""
+    if batch_size < 1 or num_workers < 0 or block_images < 1:
+        raise ValueError(f"expected batch_size >= 1, num_workers >= 0 and block_images >= 1, got "
+                         f"{batch_size}, {num_workers}, {block_images}")
     if latents_dtype not in data.LATENTS_DTYPES or augment not in AUGMENTS:
         raise ValueError(f"expected latents_dtype in {data.LATENTS_DTYPES} and augment in "
                          f"{tuple(AUGMENTS)}, got {latents_dtype!r}, {augment!r}")
@@ -98,53 +111,131 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
         data_root=root, split=split, num_classes=len(classes), classes=classes,
         tokenizer_fingerprint=model.fingerprint(), tokenizer_ckpt=portable_path(ckpt, out),
         tokenizer_iter=info["iter"], **extra, **({"skipped_images": skipped} if scan_images else {}))
-    if data.existing_encoding(out, meta, overwrite):  # every rank decides before anyone writes
+    state = data.existing_encoding(out, meta, overwrite)  # every rank decides before anyone writes
+    if state == "done":
         if master:
             data.finish_encoded(out, meta)  # same content; record where the checkpoint is now
+            _remove_progress(out)  # left behind if a run was killed right after finishing
             print(f"{out} already holds this encoding (tokenizer {meta['tokenizer_fingerprint']}); "
                   "nothing to do (--overwrite=True redoes it)")
         return out
     if ddp:
         dist.barrier()
-    if master:
+    if master and state == "new":
+        _remove_progress(out)  # markers of a replaced encoding would skip its blocks
         data.create_encoded(out, meta)
     if ddp:
         dist.barrier()
-    arr = data.open_encoded(out, meta)
-    lo, hi = shard_range(len(ds), rank, world)
-    from tqdm import tqdm
-    batches = torch.arange(lo, hi).split(batch_size)
-    flips = torch.zeros(2, device=device, dtype=torch.float64)  # codes changed by storage, codes
-    for x, y in tqdm(data.batch_loader(ds, batches, num_workers, device), total=len(batches),
-                     disable=not master, desc=f"encode {split} (rank 0 shard)"):
-        x = augment_views(x, augment, c.image_size).flatten(0, 1)   # (B * views, C, S, S)
-        y = y.repeat_interleave(views)
-        with autocast:
-            z = model.encode_latents(x)
-        sl = slice(lo * views, lo * views + len(x))
-        if latents_dtype == "float16":
-            z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes
-            codes = model.quantize(z.float())
-            arr["latents"][sl] = z.cpu().numpy()
-        else:  # the tokenizer's own codes; count those the stored latents would not reproduce
-            z = z.float()
-            codes = model.quantize(z)
-            payload, scale = pack_latents(z, latents_dtype)
-            flips += torch.stack([(model.quantize(unpack_latents(payload, scale, latents_dtype))
-                                   != codes).sum().double(), torch.tensor(codes.numel(), device=device)])
-            arr["latents"][sl], arr["latents_scale"][sl] = payload.cpu().numpy(), scale.cpu().numpy()
-        arr["codes"][sl] = codes.cpu().numpy().astype(meta["codes_dtype"])
-        arr["labels"][sl], lo = y.cpu().numpy(), lo + len(x) // views
-    for a in arr.values():
-        a.flush()
+    layout = block_layout(len(ds), block_images)
+    done = set(done_blocks(out, layout))
     if ddp:
-        dist.all_reduce(flips)
+        dist.barrier()  # every rank has listed the markers before any rank adds one
+    if master and state == "resume":
+        print(f"resuming {out}: {len(done)} of {len(layout)} blocks "
+              f"({sum(hi - lo for lo, hi in done)} of {len(ds)} images) already encoded")
+    todo = [b for b in layout if b not in done]
+    _encode_blocks(model, ds, rank_blocks(todo, rank, world), data.open_encoded(out, meta), out,
+                   augment, latents_dtype, meta["codes_dtype"], autocast, batch_size, num_workers,
+                   device, desc=f"encode {split} (rank 0)" if master else None)
+    if ddp:
         dist.barrier()
     if master:
-        data.finish_encoded(out, {**meta, "stored_code_flips": (flips[0] / flips[1].clamp_min(1)).item()})
+        flips, codes = _sum_markers(out, layout)
+        data.finish_encoded(out, {**meta, "stored_code_flips": flips / max(codes, 1)})
+        _remove_progress(out)
         print(f"encoded {len(ds)} images" + (f" x {views} views ({augment})" if views > 1 else "")
               + f" with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
     return out
+
+
+# -----------------------------------------------------------------------------
+# blocks: the unit of work that a kill can lose and a resume skips
+
+
+def block_layout(n, block_images):
+    """[lo, hi) image ranges of the blocks of an n-image split."""
+    return [(lo, min(n, lo + block_images)) for lo in range(0, n, block_images)]
+
+
+def marker_path(out, block):
+    """The file that records a block as encoded, named by its image range."""
+    return os.path.join(out, PROGRESS, f"{block[0]:09d}-{block[1]:09d}.json")
+
+
+def done_blocks(out, layout):
+    """The blocks of layout whose marker exists. Markers are matched by name only, so those of
+    another block size (a run with another block_images) match no block: their images are redone."""
+    folder = os.path.join(out, PROGRESS)
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    return [b for b in layout if os.path.basename(marker_path(out, b)) in names]
+
+
+def rank_blocks(todo, rank, world):
+    """This rank's share of the blocks still to do, round-robin: a function of the markers
+    alone, so a resume under another world size also covers every block exactly once."""
+    return todo[rank::world]
+
+
+def _remove_progress(out):
+    shutil.rmtree(os.path.join(out, PROGRESS), ignore_errors=True)
+
+
+def _sum_markers(out, layout):
+    """-> (codes changed by storage, codes) summed over every block's marker."""
+    missing = [b for b in layout if not os.path.isfile(marker_path(out, b))]
+    if missing:
+        raise RuntimeError(f"{out}: expected a marker in {PROGRESS}/ for each of the {len(layout)} "
+                           f"blocks once every rank finished, {len(missing)} missing (first: "
+                           f"{marker_path(out, missing[0])}); re-run encode.py to encode them")
+    counts = [read_json(marker_path(out, b), "block marker") for b in layout]
+    return sum(c["code_flips"] for c in counts), sum(c["codes"] for c in counts)
+
+
+def _encode_blocks(model, ds, blocks, arr, out, augment, latents_dtype, codes_dtype, autocast,
+                   batch_size, num_workers, device, desc=None):
+    """Encode these blocks into the memmaps arr, batch by batch through one loader; after a
+    block's last batch, flush the memmaps and then write its marker, so a marker always means
+    rows on disk."""
+    from tqdm import tqdm
+    views = AUGMENTS[augment]
+    batches = [(b, idx) for b in blocks for idx in torch.arange(*b).split(batch_size)]
+    loader = data.batch_loader(ds, [idx for _, idx in batches], num_workers, device)
+    flips = codes = 0
+    for (block, idx), (x, y) in zip(batches, tqdm(loader, total=len(batches), disable=desc is None,
+                                                  desc=desc)):
+        rows = slice(int(idx[0]) * views, (int(idx[-1]) + 1) * views)
+        f, n = _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, autocast)
+        flips, codes = flips + f, codes + n
+        if int(idx[-1]) + 1 == block[1]:
+            for a in arr.values():
+                a.flush()
+            write_json(marker_path(out, block), {"images": list(block), "code_flips": flips,
+                                                 "codes": codes})
+            flips = codes = 0
+
+
+def _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, autocast):
+    """Write the rows of one batch of images (all their views). -> (codes the stored latents
+    would not reproduce, codes): int8 storage only counts flips; float16 ones are exact."""
+    views = AUGMENTS[augment]
+    x = augment_views(x, augment, model.config.image_size).flatten(0, 1)   # (B * views, C, S, S)
+    y = y.repeat_interleave(views)
+    with autocast:
+        z = model.encode_latents(x)
+    flips = 0
+    if latents_dtype == "float16":
+        z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes
+        codes = model.quantize(z.float())
+        arr["latents"][rows] = z.cpu().numpy()
+    else:  # the tokenizer's own codes; count those the stored latents would not reproduce
+        z = z.float()
+        codes = model.quantize(z)
+        payload, scale = pack_latents(z, latents_dtype)
+        flips = int((model.quantize(unpack_latents(payload, scale, latents_dtype)) != codes).sum())
+        arr["latents"][rows], arr["latents_scale"][rows] = payload.cpu().numpy(), scale.cpu().numpy()
+    arr["codes"][rows] = codes.cpu().numpy().astype(codes_dtype)
+    arr["labels"][rows] = y.cpu().numpy()
+    return flips, codes.numel()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """data.py tests: the ImageFolder dataset (resize / crop, 16-bit grayscale PNGs, unreadable files
-and the pre-scan that drops them, also through encode.py), and the encoded format's errors
-(missing, truncated, inconsistent memmaps; invalid or incomplete meta.json; foreign files)."""
+and the pre-scan that drops them, also through encode.py), the encoded format's errors
+(missing, truncated, inconsistent memmaps; invalid or incomplete meta.json; foreign files), and
+encode.py resuming an interrupted encoding block by block."""
 
 import json
 import os
@@ -14,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-from encode import encode_split  # noqa: E402
-from helpers import make_encoded, make_image_folder, make_tokenizer_ckpt  # noqa: E402
+from encode import block_layout, encode_split, rank_blocks  # noqa: E402
+from helpers import class_images, make_encoded, make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 
 def test_image_folder_dataset_and_errors(tmp_path):
@@ -154,14 +155,156 @@ def test_load_encoded_bad_meta(enc, tmp_path):
 
 def test_existing_encoding_guards(enc, tmp_path):
     meta = data.load_encoded(enc[0])[0]
-    assert data.existing_encoding(enc[0], {k: v for k, v in meta.items() if k != "complete"})
+    meta = {k: v for k, v in meta.items() if k != "complete"}
+    assert data.existing_encoding(enc[0], meta) == "done"
+    assert data.existing_encoding(enc[0], meta, overwrite=True) == "new"
     d = tmp_path / "mine"
     d.mkdir()
     np.save(d / "codes.npy", np.zeros(3))          # someone's file, no meta.json
     with pytest.raises(FileExistsError, match="codes.npy but no meta.json"):
         data.existing_encoding(str(d), meta)
-    assert data.existing_encoding(str(d), meta, overwrite=True) is False
+    assert data.existing_encoding(str(d), meta, overwrite=True) == "new"
     (d / "meta.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         data.existing_encoding(str(d), meta)
-    assert data.existing_encoding(str(d), meta, overwrite=True) is False
+    assert data.existing_encoding(str(d), meta, overwrite=True) == "new"
+    # interrupted: the same encoding resumes, another one is refused, broken arrays start over
+    d = _copy(enc[0], str(tmp_path / "cut"))
+    json.dump({**meta, "complete": False}, open(os.path.join(d, "meta.json"), "w"))
+    assert data.existing_encoding(d, meta) == "resume"
+    assert data.existing_encoding(d, meta, overwrite=True) == "new"
+    with pytest.raises(FileExistsError, match="different encoding.*tokenizer_fingerprint"):
+        data.existing_encoding(d, {**meta, "tokenizer_fingerprint": "another"})
+    os.remove(os.path.join(d, "latents.npy"))
+    assert data.existing_encoding(d, meta) == "new"
+
+
+# -----------------------------------------------------------------------------
+# resuming an interrupted encoding
+
+
+class _Killed(Exception):
+    pass
+
+
+class _Images(torch.utils.data.Dataset):
+    """class_images(n), counting the images read; with fail_at=j, reading image j raises (a kill
+    in the middle of the split)."""
+
+    def __init__(self, n, fail_at=None):
+        self.x, self.y = class_images(n)
+        self.fail_at, self.reads = fail_at, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise _Killed(f"killed while reading image {i}")
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+N, BLOCK, KILL_AT = 22, 4, 13   # blocks [0, 4) .. [20, 22); the kill leaves [0, 12) done
+
+
+def _encode(ckpt, out, ds, **kw):
+    # batch_size 3 does not divide the block: a block's rows come from several batches
+    return encode_split(ckpt, "val", str(out), batch_size=3, dataset=(ds, [0, 1, 2]), **kw)
+
+
+def _interrupted(ckpt, out, **kw):
+    with pytest.raises(_Killed):
+        _encode(ckpt, out, _Images(N, fail_at=KILL_AT), block_images=BLOCK, **kw)
+    assert json.load(open(out / "meta.json"))["complete"] is False
+    assert sorted(os.listdir(out / "progress")) == ["000000000-000000004.json",
+                                                    "000000004-000000008.json",
+                                                    "000000008-000000012.json"]
+
+
+def _resume(ckpt, out, **kw):
+    """-> how many images the run read."""
+    ds = _Images(N)
+    _encode(ckpt, out, ds, **kw)
+    return ds.reads
+
+
+def _assert_same_encoding(a, b):
+    """Byte-identical arrays, equal meta.json, nothing else left (no progress/)."""
+    assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+    for f in os.listdir(a):
+        if f.endswith(".npy"):
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert json.load(open(a / "meta.json")) == json.load(open(b / "meta.json"))
+
+
+@pytest.fixture
+def tok(tmp_path):
+    ckpt = tmp_path / "tok.pt"
+    make_tokenizer_ckpt(str(ckpt))
+    return ckpt
+
+
+def test_interrupted_encoding_resumes_where_it_stopped(tok, tmp_path, capsys):
+    full = tmp_path / "full"
+    assert _resume(tok, full, block_images=BLOCK) == N
+    out = tmp_path / "enc"
+    _interrupted(tok, out)
+    capsys.readouterr()
+    assert _resume(tok, out, block_images=BLOCK) == N - 12     # the three done blocks are kept
+    assert f"resuming {out}: 3 of 6 blocks (12 of {N} images) already encoded" in capsys.readouterr().out
+    _assert_same_encoding(full, out)
+    assert data.load_encoded(str(out))[0]["stored_code_flips"] == 0.0   # float16: exact by design
+
+
+def test_int8_code_flips_summed_over_runs(tmp_path):
+    # 1,024 cosine codes in D = 4: close enough that int8 rounding changes some nearest codes
+    # (in this setup, both among the first 12 images and among the rest)
+    ckpt = tmp_path / "tok.pt"
+    model = make_tokenizer_ckpt(str(ckpt), metric="cos", codebook_size=1024)
+    full, out = tmp_path / "full", tmp_path / "enc"
+    _encode(ckpt, full, _Images(N), block_images=BLOCK, latents_dtype="int8")
+    _interrupted(ckpt, out, latents_dtype="int8")
+    before = [json.load(open(out / "progress" / f)) for f in os.listdir(out / "progress")]
+    flips_before = sum(m["code_flips"] for m in before)
+    assert sum(m["codes"] for m in before) == 12 * 4 * 4 * 2          # images x grid x levels
+    assert _resume(ckpt, out, block_images=BLOCK, latents_dtype="int8") == N - 12
+    meta, codes, latents, _ = data.load_encoded(str(full))
+    want = meta["stored_code_flips"]
+    naive = (model.quantize(torch.from_numpy(latents[:])).numpy() != codes[:]).mean()
+    assert want == pytest.approx(naive, abs=1e-12)                    # the share, counted directly
+    # flips in the blocks of both runs: losing either run's count would change the share
+    assert 0 < flips_before < round(want * N * 4 * 4 * 2)
+    assert data.load_encoded(str(out))[0]["stored_code_flips"] == want
+    _assert_same_encoding(full, out)
+
+
+def test_markers_of_another_block_size_are_ignored(tok, tmp_path, capsys):
+    full, out = tmp_path / "full", tmp_path / "enc"
+    _encode(tok, full, _Images(N), block_images=8)
+    _interrupted(tok, out)                          # markers of 4-image blocks
+    capsys.readouterr()
+    assert _resume(tok, out, block_images=8) == N   # blocks of 8: none is recorded done
+    assert "0 of 3 blocks (0 of 22 images) already encoded" in capsys.readouterr().out
+    _assert_same_encoding(full, out)
+
+
+def test_overwrite_after_an_interruption_starts_over(tok, tmp_path, capsys):
+    full, out = tmp_path / "full", tmp_path / "enc"
+    _encode(tok, full, _Images(N), block_images=BLOCK)
+    _interrupted(tok, out)
+    assert _resume(tok, out, block_images=BLOCK, overwrite=True) == N   # old markers dropped
+    _assert_same_encoding(full, out)
+    # a run killed after finishing but before removing progress/: the next one just tidies up
+    (full / "progress").mkdir()
+    capsys.readouterr()
+    assert _resume(tok, full, block_images=BLOCK) == 0
+    assert "nothing to do" in capsys.readouterr().out and not (full / "progress").exists()
+
+
+def test_rank_blocks_cover_the_remaining_blocks_once():
+    layout = block_layout(N, BLOCK)
+    todo = [b for b in layout if b not in {(0, 4), (8, 12)}]
+    for world in (1, 2, 3, 7):
+        shares = [rank_blocks(todo, r, world) for r in range(world)]
+        assert sorted(b for s in shares for b in s) == todo
