@@ -1,8 +1,8 @@
 """
 Plumbing shared by the scripts (train_tokenizer.py, encode.py, train.py, sample.py): config
 overrides, input checks, DDP and device setup, the learning-rate schedule, the data order,
-atomic files (checkpoints, logs, json), run directories, portable paths. One place for each of
-these ideas; importing this module configures nothing.
+atomic files (checkpoints, logs, json, images, figures), run directories, portable paths. One
+place for each of these ideas; importing this module configures nothing.
 
 Config (nanoGPT's configurator idea, with clear errors): in a script, right after its block of
 module-level config globals,
@@ -24,7 +24,7 @@ import json
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
@@ -218,16 +218,49 @@ def _tmp_name(path):
     return f"{path}.tmp.{os.getpid()}"
 
 
-def atomic_write_text(path, text):
-    """Write text to path through a temp file + os.replace: a kill leaves the old or the new
-    file, never a truncated one."""
+@contextmanager
+def atomic_path(path):
+    """Yield a temp name beside path for a writer to fill (torch.save, PIL, matplotlib, np.savez
+    on an open file); then it replaces path with os.replace, so a kill leaves the old or the new
+    file, never a truncated one. If the writer raises, the temp file is removed and path is left
+    as it was. The temp name ends in .tmp.<pid> (clean_stale_tmp removes those a kill left, here
+    for this path first), not in path's extension: give writers that guess the format from the
+    name the format explicitly."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    clean_stale_tmp(path)  # what a killed earlier writer of this file left
     tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: no half-written temp file stays behind
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def _fsync(path):
+    """Flush a closed file's data to disk before it is renamed over the old one (else a crash of
+    the machine could leave the new name pointing at an empty file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path, text):
+    """Write text to path through a temp file + os.replace (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def save_figure(fig, path, **savefig_kwargs):
+    """fig.savefig(path) through atomic_path; the format is path's extension (png if it has
+    none), given explicitly because the temp name has another one."""
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, **savefig_kwargs)
 
 
 def write_json(path, obj):
@@ -277,11 +310,9 @@ def rewrite_jsonl(path, records):
 
 
 def save_checkpoint(obj, path):
-    """Atomic: write a temp file in the same directory, then os.replace (never a half-written file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through atomic_path: never a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path, map_location="cpu", what="checkpoint"):
@@ -315,25 +346,40 @@ def _pid_alive(pid):
     return True
 
 
-def clean_stale_tmp(path):
-    """Remove `{path}.tmp.<pid>` files left by killed writers (their pid no longer runs).
-    Returns the removed paths."""
-    d, base = os.path.split(os.path.abspath(path))
-    removed = []
-    if not os.path.isdir(d):
-        return removed
+def _stale_tmps(d, base=None):
+    """Paths in directory d named `{base}.tmp.<pid>` (any base if None) whose pid no longer runs."""
+    found = []
     for name in os.listdir(d):
-        if name.startswith(base + ".tmp."):
-            pid = name[len(base) + 5:]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                os.remove(os.path.join(d, name))
-                removed.append(os.path.join(d, name))
-    return removed
+        stem, sep, pid = name.rpartition(".tmp.")
+        if sep and stem and pid.isdigit() and base in (None, stem) and not _pid_alive(int(pid)):
+            found.append(os.path.join(d, name))
+    return found
+
+
+def _remove_all(paths):
+    for p in paths:
+        with suppress(FileNotFoundError):  # another process cleaning the same directory got it first
+            os.remove(p)
+    return paths
+
+
+def clean_stale_tmp(path):
+    """Remove `{path}.tmp.<pid>` files left by killed writers (atomic_path's temp files whose pid
+    no longer runs). Returns the removed paths."""
+    d, base = os.path.split(os.path.abspath(path))
+    return _remove_all(_stale_tmps(d, base)) if os.path.isdir(d) else []
+
+
+def clean_stale_tmp_dir(d):
+    """clean_stale_tmp for every file in directory d."""
+    return _remove_all(_stale_tmps(d)) if os.path.isdir(d) else []
 
 
 def prepare_run_dir(out_dir, init_from, run_files=("ckpt.pt", "log.jsonl")):
     """A scratch run refuses a directory that already holds a run (never overwrite one); a
-    resume needs one. Leftover temp files of killed writers are removed either way."""
+    resume needs one. Leftover temp files of killed writers are removed either way, of every
+    file in the directory: a kill can hit any write (checkpoint, log, sample grid), and a grid's
+    name is not written again after a resume."""
     if init_from not in ("scratch", "resume"):
         raise ValueError(f"init_from: expected 'scratch' or 'resume', got {init_from!r}")
     found = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
@@ -345,9 +391,8 @@ def prepare_run_dir(out_dir, init_from, run_files=("ckpt.pt", "log.jsonl")):
         raise FileNotFoundError(f"init_from=resume: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} "
                                 "(train with init_from=scratch first, or set out_dir to the run to continue)")
     os.makedirs(out_dir, exist_ok=True)
-    for f in run_files:
-        for p in clean_stale_tmp(os.path.join(out_dir, f)):
-            print(f"removed {p} (left by a killed writer)")
+    for p in clean_stale_tmp_dir(out_dir):
+        print(f"removed {p} (left by a killed writer)")
 
 
 def config_diff(saved, now, keys):

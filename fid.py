@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from common import atomic_path
 from data import to_uint8
 
 MIN_SAMPLES_WARN = 1000  # below this (or below the feature dim) FID is strongly biased upward
@@ -147,9 +148,7 @@ def reference_stats(features, dataset, split, image_size, root, weights, cache_d
         x = torch.stack([ds[j][0] for j in idx[i:i + batch_size]])
         stats.add(features(to_uint8(x)))
     mu, sigma = stats.all_reduce().mu_sigma()
-    if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"  # per process: concurrent samplers may both compute it
-        np.savez(tmp, mu=mu, sigma=sigma, n=int(stats.n.item()))
-        os.replace(tmp, path)
+    if rank == 0:  # atomic_path's temp name is per process: concurrent samplers may both compute it
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no .npz
+            np.savez(f, mu=mu, sigma=sigma, n=int(stats.n.item()))
     return mu, sigma

@@ -12,7 +12,10 @@ PNG, an ADM-format .npz of N samples, and FID against the real dataset (fid.py).
 
 W is a local Inception TorchScript (fid.py says which two kinds work and where to get them).
 The npz (uint8 N x H x W x 3 under arr_0, class labels under arr_1; 1-channel MNIST repeated to
-3 channels) is what ADM's evaluator reads; it is written atomically. Ranks generate disjoint
+3 channels) is what ADM's evaluator reads; it is written atomically, and an existing .npz of
+the same name (same directory, count and sampling settings) is never replaced unless
+--overwrite=True: sample.py refuses before sampling (use another --out_dir, or move the old
+file, to keep both). The grid PNG is replaced (also atomically). Ranks generate disjoint
 slices of one memmap (common.shard_range), labels are class-balanced (i % num_classes). FIDs are
 appended to {out_dir}/fid.jsonl.
 
@@ -27,7 +30,7 @@ import os
 import numpy as np
 import torch
 
-from common import (append_jsonl, check_range, clean_stale_tmp, configure,
+from common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
 from data import save_grid, to_uint8
@@ -46,6 +49,7 @@ top_k = 0                    # 0 = off
 top_p = 1.0                  # 1 = off
 steps = 8                    # maskgit decoding steps (ignored for ar)
 num_samples = 0              # > 0: write an ADM .npz of this many class-balanced samples
+overwrite = False            # replace an existing .npz of the same name (else: refuse to run)
 batch_size = 64              # per rank
 fid_weights = ""             # Inception TorchScript for FID (needs num_samples > 0); "" = no FID
 fid_split = "val"            # real split for the reference statistics
@@ -87,6 +91,15 @@ def load_tokenizer(ck, dev, verbose=True):
     return tok
 
 
+def check_npz_free(npz):
+    """Refuse, before any sampling, to replace a previous run's samples unless --overwrite=True."""
+    if os.path.exists(npz) and not overwrite:
+        raise FileExistsError(
+            f"{npz!r} already exists (samples of this checkpoint directory with the same count and "
+            "settings); it is not replaced unless asked: pass --overwrite=True to replace it, or "
+            "--out_dir=<another directory> (or move the file away) to keep it")
+
+
 def main():
     import torch.distributed as dist
     from tqdm import tqdm
@@ -115,6 +128,11 @@ def main():
               top_p=top_p if top_p < 1 else None, steps=steps if maskgit else None)
     if any(not 0 <= c < nc for c in classes):
         raise ValueError(f"classes: expected ids in [0, {nc}), got {classes}")
+    npz = os.path.join(out, f"samples_{num_samples}_{tag}.npz")
+    if num_samples:
+        check_npz_free(npz)  # every rank: all of them stop, none waits at a barrier
+    else:
+        warn_ignored(config, _explicit, ("overwrite",), "num_samples=0 writes no .npz")  # noqa: F821
 
     def generate(labels, g):
         with autocast:
@@ -132,7 +150,6 @@ def main():
     if features:
         fid.check_num_samples(num_samples, features.dim)
     S = tok.config.image_size
-    npz = os.path.join(out, f"samples_{num_samples}_{tag}.npz")
     tmp = npz + ".tmp.npy"  # one name all ranks open; a killed run's is overwritten
     if master:
         os.makedirs(out, exist_ok=True)
@@ -154,10 +171,8 @@ def main():
     if ddp:
         dist.barrier()
     if master:  # np.savez streams a memmap into the zip in chunks: bounded memory at 50k x 256^2
-        part = f"{npz}.tmp.{os.getpid()}"
-        with open(part, "wb") as f:
+        with atomic_path(npz) as part, open(part, "wb") as f:
             np.savez(f, arr_0=arr, arr_1=labels.numpy())
-        os.replace(part, npz)
         os.remove(tmp)
         print(f"wrote {npz}: arr_0 {arr.shape} uint8, arr_1 labels")
     if features:

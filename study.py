@@ -26,8 +26,8 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
               k-th nearest code to its latent (k = 1 is the tokenizer's own code) or a random
               code -> {out}/premise.json (PSNR, classifier accuracy per k), assets/study_premise.png
-  report      {out}/results.md (atomic, with the premise table) and assets/study_{delta,curves,
-              grids,sweep}.png
+  report      {out}/results.md (with the premise table) and assets/study_{delta,curves,
+              grids,sweep}.png, each written atomically
 Jobs run --workers at a time with cores / workers threads each.
 Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
 
@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import atomic_write_text, read_json, read_jsonl, write_json
+from common import atomic_write_text, read_json, read_jsonl, save_figure, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_CONFIG = os.path.join("config", "study", "tokenizer.py")
@@ -193,8 +193,12 @@ def run_job(job, a, threads):
             "--eval_samples_at_start=False"]
            + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
     if state != "done" and fid_samples:
+        # --overwrite: the .npz is this function's scratch file, deleted below. sample.py writes it
+        # before it computes the FID, so an invocation killed (or failed) in between leaves one
+        # behind, and sample.py refuses to replace an existing .npz unless told to.
         sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",
-            f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs"]
+            f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs",
+            "--overwrite=True"]
            + [f"--{k}={a.set[k]}" for k in ("device", "dtype") if k in a.set], log, threads)
         for f in os.listdir(d):  # the .npz behind the FID (3 MB) is not needed afterwards
             if f.endswith(".npz"):
@@ -401,7 +405,7 @@ def plots(a, res):
         ax.set(xscale="log", xlabel="codebook size K", ylabel=f"{label}: SNCE - CE",
                title=f"{label} ({'higher' if up else 'lower'} is better)")
     fig.tight_layout()
-    fig.savefig(os.path.join(a.assets, "study_delta.png"), dpi=110)
+    save_figure(fig, os.path.join(a.assets, "study_delta.png"), dpi=110)
     plt.close(fig)
     # curves per K
     fig, axes = plt.subplots(len(ks), len(METRICS), figsize=(4.5 * len(METRICS), 3.3 * len(ks)), squeeze=False)
@@ -414,7 +418,7 @@ def plots(a, res):
             ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
         row[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(a.assets, "study_curves.png"), dpi=100)
+    save_figure(fig, os.path.join(a.assets, "study_curves.png"), dpi=100)
     plt.close(fig)
     # final sample grids, first seed of each objective
     grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{a.iters:06d}.png"))
@@ -430,7 +434,7 @@ def plots(a, res):
             ax.imshow(plt.imread(p), cmap="gray")
             ax.set_title(n, fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(a.assets, "study_grids.png"), dpi=100)
+        save_figure(fig, os.path.join(a.assets, "study_grids.png"), dpi=100)
         plt.close(fig)
     # perplexity sweep at the largest K
     big = res[ks[-1]]
@@ -463,7 +467,7 @@ def plots(a, res):
         else:
             ax.set_axis_off()
         fig.tight_layout()
-        fig.savefig(os.path.join(a.assets, "study_sweep.png"), dpi=110)
+        save_figure(fig, os.path.join(a.assets, "study_sweep.png"), dpi=110)
         plt.close(fig)
 
 
@@ -496,7 +500,7 @@ def premise_stage(a):
         ax.legend(fontsize=7)
     fig.suptitle(f"K = {big:,}: val digits decoded with every token replaced by its k-th nearest code")
     os.makedirs(a.assets, exist_ok=True)
-    fig.savefig(os.path.join(a.assets, "study_premise.png"), dpi=100)
+    save_figure(fig, os.path.join(a.assets, "study_premise.png"), dpi=100)
     plt.close(fig)
     write_json(out, res)
 

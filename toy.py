@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import write_json
+from common import save_figure, write_json
 from snce import snce_loss
 
 CENTERS = torch.tensor([[-1.2, -1.2], [1.2, 1.2]], dtype=torch.float64)
@@ -194,7 +194,7 @@ def figure(shown, tau, path):
     ax[3].scatter(CENTERS[:, 0], CENTERS[:, 1], s=60, marker="x", c="b", label="modes")
     ax[3].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -212,7 +212,7 @@ def tau_figure(m, truth, path):
                       "nll": "NLL of fresh samples (nats)"}[key])
         a.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -1,4 +1,4 @@
-"""common.py: overrides, config files, clear errors, atomic checkpoints."""
+"""common.py: overrides, config files, clear errors, atomic checkpoints, files and figures."""
 
 import math
 import os
@@ -152,6 +152,32 @@ def test_jsonl_partial_last_line_and_atomic_rewrite(tmp_path, capsys):
         common.read_json(str(bad))
 
 
+def test_atomic_path_failure_keeps_the_old_file(tmp_path):
+    p = str(tmp_path / "a.txt")
+    common.atomic_write_text(p, "old\n")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with common.atomic_path(p) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half of the new")
+            raise RuntimeError("writer died")
+    assert open(p).read() == "old\n" and os.listdir(tmp_path) == ["a.txt"]
+    open(p + ".tmp.999999999", "w").close()                    # a killed writer's (no such pid)
+    common.atomic_write_text(p, "new\n")
+    assert open(p).read() == "new\n" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_save_figure_format_from_the_name(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(1, 1))
+    for name, magic in (("f.png", b"\x89PNG"), ("f.pdf", b"%PDF")):
+        common.save_figure(fig, str(tmp_path / name), dpi=20)
+        assert open(tmp_path / name, "rb").read(4) == magic
+    plt.close(fig)
+    assert sorted(os.listdir(tmp_path)) == ["f.pdf", "f.png"]
+
+
 def test_run_dir_refuses_scratch_over_a_run_and_cleans_stale_tmp(tmp_path):
     d = str(tmp_path / "run")
     common.prepare_run_dir(d, "scratch")                        # new dir: fine
@@ -160,10 +186,12 @@ def test_run_dir_refuses_scratch_over_a_run_and_cleans_stale_tmp(tmp_path):
         common.prepare_run_dir(d, "scratch")
     dead = os.path.join(d, "ckpt.pt.tmp.999999999")           # no such pid
     live = os.path.join(d, f"ckpt.pt.tmp.{os.getpid()}")       # a writer that still runs
-    for p in (dead, live):
+    grid = os.path.join(d, "samples_000001.png.tmp.999999999")  # any file's, not only the run files'
+    mine = os.path.join(d, "notes.tmp.txt")                     # not a temp file of atomic_path
+    for p in (dead, live, grid, mine):
         open(p, "w").close()
     common.prepare_run_dir(d, "resume")
-    assert not os.path.exists(dead) and os.path.exists(live)
+    assert sorted(os.listdir(d)) == sorted(["ckpt.pt", os.path.basename(live), "notes.tmp.txt"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         common.prepare_run_dir(str(tmp_path / "other"), "resume")
 

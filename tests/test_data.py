@@ -1,7 +1,8 @@
 """data.py tests: the ImageFolder dataset (resize / crop, 16-bit grayscale PNGs, unreadable files
 and the pre-scan that drops them, also through encode.py), the encoded format's errors
-(missing, truncated, inconsistent memmaps; invalid or incomplete meta.json; foreign files), and
-encode.py resuming an interrupted encoding block by block."""
+(missing, truncated, inconsistent memmaps; invalid or incomplete meta.json; foreign files),
+encode.py resuming an interrupted encoding block by block, and save_grid's atomic write (a
+failing writer leaves the previous PNG as it was)."""
 
 import json
 import os
@@ -308,3 +309,42 @@ def test_rank_blocks_cover_the_remaining_blocks_once():
     for world in (1, 2, 3, 7):
         shares = [rank_blocks(todo, r, world) for r in range(world)]
         assert sorted(b for s in shares for b in s) == todo
+
+
+def _png_bytes_ok(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()                                  # decodes every byte: a truncated file raises
+        return im.format, im.size
+
+
+def test_save_grid_is_atomic(tmp_path):
+    path = str(tmp_path / "sub" / "g.png")
+    data.save_grid(torch.rand(5, 1, 4, 4) * 2 - 1, path, nrow=2)
+    assert _png_bytes_ok(path) == ("PNG", (2 * 4, 3 * 4))
+    assert os.listdir(tmp_path / "sub") == ["g.png"]           # no temp file left behind
+    data.save_grid(torch.rand(2, 3, 4, 4) * 2 - 1, path, nrow=2)  # replaces it
+    assert _png_bytes_ok(path) == ("PNG", (2 * 4, 4)) and os.listdir(tmp_path / "sub") == ["g.png"]
+    with pytest.raises(ValueError, match="expected an image file name such as grid.png, got .*grid'"):
+        data.save_grid(torch.zeros(1, 1, 4, 4), str(tmp_path / "grid"), nrow=1)
+
+
+def test_save_grid_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A writer that dies halfway (disk full, a kill) must not cost the PNG already there."""
+    from PIL import Image
+    path = str(tmp_path / "g.png")
+    data.save_grid(torch.rand(4, 1, 4, 4) * 2 - 1, path, nrow=2)
+    before = open(path, "rb").read()
+    written = []
+
+    def dying_save(self, fp, format=None, **kw):
+        with open(fp, "wb") as f:                  # part of a PNG, then the failure
+            f.write(before[:20])
+        written.append(fp)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        data.save_grid(torch.rand(4, 1, 4, 4) * 2 - 1, path, nrow=2)
+    assert written and written[0] != path                      # it wrote somewhere else first
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["g.png"]

@@ -1,9 +1,11 @@
 """sample.py tests: the ADM .npz format, the grid, FID end to end with a stand-in TorchScript
 feature net (the real Inception is not needed) recomputed from the npz, the tokenizer identity
-check, a moved run directory, and clear errors for bad inputs and checkpoints."""
+check, a moved run directory, clear errors for bad inputs and checkpoints, and an existing .npz
+kept unless --overwrite=True."""
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict
@@ -90,7 +92,7 @@ def test_npz_format_grid_and_fid(trained, monkeypatch, capsys):
     st_ref.add(feats(data.to_uint8(real)))
     assert rec["fid"] == pytest.approx(fid.frechet_distance(*st_gen.mu_sigma(), *st_ref.mu_sigma()), rel=1e-6)
     monkeypatch.setattr(data, "get_dataset", None)  # second run: reference stats must come from the cache
-    run_sample(common)
+    run_sample(common + ["--overwrite=True"])
     assert read_jsonl(os.path.join(out, "fid.jsonl"))[-1]["fid"] == pytest.approx(rec["fid"], rel=1e-9)
     with pytest.raises(ValueError, match="at least 2 samples"):  # a covariance of one sample: error
         run_sample(common[:1] + ["--num_samples=1"] + common[2:])
@@ -114,8 +116,27 @@ def test_sample_errors(trained, tmp_path, capsys):
                             ("top_p", 0.0, r"\(0, 1\]")):
         bad(f"'{key}': expected a value in {rng}, got {value}", f"--{key}={value}")
     capsys.readouterr()
-    run_sample([ck, "--steps=4", "--per_class=1"])
-    assert "steps=4 ignored: an ar generator" in capsys.readouterr().out
+    run_sample([ck, "--steps=4", "--per_class=1", "--overwrite=True", f"--out_dir={tmp_path}"])
+    printed = capsys.readouterr().out
+    assert "steps=4 ignored: an ar generator" in printed and "overwrite=True ignored: num_samples=0" in printed
+
+
+def test_existing_npz_kept_unless_overwrite(trained, tmp_path):
+    """A second sampling with the same settings would replace the first one's samples: refused
+    before anything is generated, the file untouched; --overwrite=True replaces it."""
+    out, _ = trained
+    args = [f"--ckpt={out}/ckpt.pt", "--num_samples=3", "--batch_size=3", "--per_class=1", f"--out_dir={tmp_path}"]
+    npz, grid = tmp_path / "samples_3_cfg2_t1_k0_p1_ema.npz", tmp_path / "grid_cfg2_t1_k0_p1_ema.png"
+    npz.write_bytes(b"someone's previous samples")
+    refused = re.escape(f"{str(npz)!r} already exists") + ".*--overwrite=True.*--out_dir="
+    with pytest.raises(FileExistsError, match=refused):
+        run_sample(args)
+    assert npz.read_bytes() == b"someone's previous samples"
+    assert sorted(os.listdir(tmp_path)) == [npz.name]  # refused first: no grid, no temp memmap
+    run_sample(args + ["--overwrite=True"])
+    f = np.load(npz)
+    assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_1"].tolist() == [0, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == sorted([npz.name, grid.name])  # no temp files
 
 
 def test_checkpoints_refused_unless_plain(trained, tmp_path):

@@ -72,6 +72,25 @@ def test_run_state(tmp_path):
     assert study.run_state(d, 12, 1000) == "resume"  # --iters raised later
 
 
+def test_fid_step_replaces_its_own_leftover_npz(tmp_path, monkeypatch):
+    """A run whose FID step was cut short after sample.py wrote the .npz (state "fid"): the rerun
+    must tell sample.py to replace that scratch file, which it refuses to do otherwise."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    a = study.parse(["--out", str(tmp_path / "study"), "--iters", "8", "--evals", "2", "--fid_samples", "6",
+                     "--fid_weights", str(weights), "--only", "runs"])
+    d = os.path.join(a.out, "k64", "ce_s0")
+    write_log(d, {"val_nll": {0: 9.0, 4: 8.0, 8: 7.0}})
+    open(os.path.join(d, "ckpt.pt"), "w").close()
+    leftover = os.path.join(d, "samples_6_cfg3_t1_k0_p1_ema.npz")
+    open(leftover, "w").close()
+    calls = []
+    monkeypatch.setattr(study, "sh", lambda args, log, threads: calls.append(args))
+    study.run_job(("k64/ce_s0", 64, "CE", 0, {"loss": "ce"}), a, 1)
+    assert [c[0] for c in calls] == ["sample.py"] and "--overwrite=True" in calls[0]  # no training
+    assert not os.path.exists(leftover)
+
+
 def test_steps_to_and_seed_stats():
     its = np.array([0, 10, 20, 30])
     assert study.steps_to(its, [5.0, 4.0, 3.0, 3.5], 3.0, False) == 20
