@@ -178,6 +178,14 @@ def tokenizer_stage(out, K, threads):
     return tok
 
 
+def sampling_args():
+    """sample.py's settings for the Inception FID: the ones train.py's evals sample with
+    (TRAIN_CONFIG's grid_*), so the FID scores the same distribution as accuracy and FLD."""
+    c = runpy.run_path(TRAIN_CONFIG)
+    return [f"--cfg_scale={c['grid_cfg_scale']:g}", f"--temperature={c.get('grid_temperature', 1.0):g}",
+            f"--top_k={c.get('grid_top_k', 0)}"]
+
+
 def run_job(job, a, threads):
     name, K, _, seed, over = job
     d = os.path.join(a.out, name)
@@ -196,7 +204,7 @@ def run_job(job, a, threads):
         # --overwrite: the .npz is this function's scratch file, deleted below. sample.py writes it
         # before it computes the FID, so an invocation killed (or failed) in between leaves one
         # behind, and sample.py refuses to replace an existing .npz unless told to.
-        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--cfg_scale={a.cfg}", f"--num_samples={fid_samples}",
+        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--num_samples={fid_samples}", *sampling_args(),
             f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs",
             "--overwrite=True"]
            + [f"--{k}={a.set[k]}" for k in ("device", "dtype") if k in a.set], log, threads)
@@ -353,7 +361,7 @@ def report(a, jobs):
     if not res:
         raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
     parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run, evals at step 0 and every "
-             f"{a.iters // a.evals} steps of {a.eval_samples} class-balanced samples (cfg {a.cfg:g}). Mean ± "
+             f"{a.iters // a.evals} steps of {a.eval_samples} class-balanced samples ({' '.join(sampling_args())[2:]}). Mean ± "
              "half-range over seeds; steps to CE's value: first eval at which the seed-mean curve reaches CE's "
              "final mean (MaskGIT rows: MaskGIT CE's). Inception FID: the seeds in --fid_seeds only.\n"]
     for K in sorted(res):
@@ -535,7 +543,6 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=1200, help="training steps per run")
     p.add_argument("--evals", type=int, default=8, help="evals per run after step 0 (eval_interval = iters / evals)")
     p.add_argument("--eval_samples", type=int, default=1000, help="samples per eval (accuracy, FLD)")
-    p.add_argument("--cfg", type=float, default=3.0, help="sample.py's cfg scale (train.py's is the config's)")
     p.add_argument("--fid_samples", type=int, default=1000, help="Inception FID at the last step; 0 = none")
     p.add_argument("--fid_seeds", type=int, nargs="*", default=[0],
                    help="the seeds whose runs get the Inception FID (~9 CPU-minutes each)")

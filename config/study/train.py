@@ -20,3 +20,6 @@ eval_iters = 0             # the whole val split (500 digits, 32,000 tokens) at 
 log_interval = 10
 grid_per_class = 8
 grid_cfg_scale = 3.0
+grid_top_k = 10            # the evals' samples (and study.py's FID): cfg 3, top-k 10. Plain sampling
+                           # (T = 1, all K codes) scores far lower for every objective: K = 16,384
+                           # CE at step 1,200: 0.39 (1,000 samples) -> 0.74 (200); SNCE at step 1,050: 0.54 -> 0.89
