@@ -345,15 +345,18 @@ def table(K, objs, iters):
 
 
 def compute_seconds(out):
-    """-> (wall seconds of the study's invocations, seconds summed over its pieces) from the
-    Clock files under out."""
-    pieces = 0.0
+    """-> (wall seconds summed over study.py invocations, seconds summed over its pieces) from
+    the Clock files under out: invocations/*.seconds and each piece's {log}.seconds."""
+    wall = pieces = 0.0
     for root, _, files in os.walk(out):
         for f in files:
-            if f.endswith(".seconds") and not (root == out and f == "wall.seconds"):
-                pieces += float(open(os.path.join(root, f)).read())
-    wall = os.path.join(out, "wall.seconds")
-    return (float(open(wall).read()) if os.path.isfile(wall) else 0.0), pieces
+            if f.endswith(".seconds"):
+                v = float(open(os.path.join(root, f)).read())
+                if os.path.basename(root) == "invocations" and os.path.dirname(root) == out.rstrip(os.sep):
+                    wall += v
+                else:
+                    pieces += v
+    return wall, pieces
 
 
 def report(a, jobs):
@@ -382,8 +385,8 @@ def report(a, jobs):
                      + " | ".join(f"{v['psnr']:.2f}" for v in p.values()) + " |\n| accuracy | "
                      + " | ".join(f"{v['accuracy']:.3f}" for v in p.values()) + " |\n")
     wall, pieces = compute_seconds(a.out)
-    parts.append(f"Compute: {wall / 3600:.2f} h wall for all study.py invocations (tokenizers, runs, FID, premise), "
-                 f"{pieces / 3600:.2f} h summed over the pieces run side by side (--workers).\n")
+    parts.append(f"Compute: {wall / 3600:.2f} h wall summed over the study.py invocations (tokenizers, runs, FID, "
+                 f"premise), {pieces / 3600:.2f} h summed over the pieces they ran side by side (--workers).\n")
     text = "\n".join(parts)
     atomic_write_text(os.path.join(a.out, "results.md"), text)
     print(text)
@@ -574,7 +577,9 @@ def main(argv=None):
     a = parse(argv)
     if a.only != ["report"]:
         os.makedirs(a.out, exist_ok=True)
-        with Clock(os.path.join(a.out, "wall.seconds")):  # the study's wall time, all invocations
+        # one file per invocation: two study.py running side by side (e.g. --only premise beside
+        # --only runs) must not overwrite each other's count
+        with Clock(os.path.join(a.out, "invocations", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.seconds")):
             compute(a)
     if "report" in a.only:
         return report(a, a.jobs)

@@ -284,8 +284,10 @@ def test_clock_accumulates_across_invocations_and_beats(tmp_path):
         time.sleep(0.05)
     second = float(open(path).read())
     assert first + 0.05 <= second < first + 1.0  # the second invocation adds to the first
-    (out / "wall.seconds").write_text("100.0\n")
+    (out / "invocations").mkdir()
+    (out / "invocations" / "20261129-080000-1.seconds").write_text("60.0\n")
+    (out / "invocations" / "20261129-090000-2.seconds").write_text("40.0\n")
     (out / "k8" / "tokenizer").mkdir()
     (out / "k8" / "tokenizer" / "study.seconds").write_text("7.5\n")
     wall, pieces = study.compute_seconds(str(out))
-    assert wall == 100.0 and pieces == pytest.approx(second + 7.5)  # wall.seconds is not a piece
+    assert wall == 100.0 and pieces == pytest.approx(second + 7.5)  # invocations are not pieces
