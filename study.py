@@ -105,6 +105,22 @@ def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
     return jobs
 
 
+def job_group(label, perplexity):
+    """Order of a seed's runs: 0 CE and SNCE at the main perplexity (the headline), 1 label
+    smoothing, 2 the other perplexities, 3 MaskGIT."""
+    if label.startswith("MaskGIT"):
+        return 3
+    if label in ("CE", f"SNCE p={perplexity:g}"):
+        return 0
+    return 1 if label.startswith("LS") else 2
+
+
+def run_order(jobs, perplexity):
+    """Seed 0 first; within a seed CE / SNCE at every K (largest K first), then LS, the sweep,
+    MaskGIT: a study cut off part way still has the headline comparison."""
+    return sorted(jobs, key=lambda j: (j[3], job_group(j[2], perplexity), -j[1]))
+
+
 def run_state(d, iters, fid_samples):
     """What a run directory still needs: "scratch" (nothing usable), "resume" (a checkpoint
     short of iters), "fid" (trained, no Inception FID of fid_samples at iters) or "done"."""
@@ -596,7 +612,7 @@ def compute(a):
             list(pool.map(lambda K: tokenizer_stage(a.out, K, threads), a.ks))
     if "runs" in a.only:
         jobs = [j for j in a.jobs if any(fnmatch.fnmatch(j[0], pat) for pat in a.runs)]
-        jobs.sort(key=lambda j: (j[3], -j[1]))  # seed 0 first, largest K first: a cut-off study still compares
+        jobs = run_order(jobs, a.perplexity)
         with ThreadPoolExecutor(a.workers) as pool:
             for fut in [pool.submit(run_job, j, a, threads) for j in jobs]:
                 fut.result()

@@ -291,3 +291,12 @@ def test_clock_accumulates_across_invocations_and_beats(tmp_path):
     (out / "k8" / "tokenizer" / "study.seconds").write_text("7.5\n")
     wall, pieces = study.compute_seconds(str(out))
     assert wall == 100.0 and pieces == pytest.approx(second + 7.5)  # invocations are not pieces
+
+
+def test_job_order_puts_the_headline_first():
+    a = study.parse(["--fid_samples=0"])
+    jobs = study.run_order(a.jobs, a.perplexity)
+    first = [j[0] for j in jobs[:6]]
+    assert first == ["k16384/ce_s0", "k16384/snce_p25_s0", "k4096/ce_s0", "k4096/snce_p25_s0",
+                     "k1024/ce_s0", "k1024/snce_p25_s0"]
+    assert [study.job_group(j[2], 25.0) for j in jobs[6:13]] == [1, 1, 1, 2, 2, 3, 3]  # then seed 0's rest
