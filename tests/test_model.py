@@ -205,6 +205,25 @@ def test_sampling_respects_filter_and_greedy():
     assert torch.equal(sample_logits(logits, 0.0), logits.argmax(-1))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_top_k_sampling_draws_the_filtered_distribution(tie):
+    """sample_logits with top_k alone samples among the k survivors directly (or, when a logit
+    ties with the k-th, through the filter): the empirical frequencies over many draws must match
+    softmax(top_k_top_p_filter(logits)) computed the slow way."""
+    row = torch.randn(K, generator=torch.Generator().manual_seed(3)) * 1.5
+    if tie:  # the 4th and 5th largest equal: both survive top_k = 4
+        order = row.argsort(descending=True)
+        row[order[4]] = row[order[3]]
+    n = 40000
+    logits = row.expand(n, K)
+    want = torch.softmax(top_k_top_p_filter(row.double(), 4), -1)       # the naive distribution
+    s = sample_logits(logits, 1.0, 4, None, torch.Generator().manual_seed(0))
+    freq = torch.bincount(s, minlength=K).double() / n
+    assert set(s.unique().tolist()) <= set(torch.nonzero(want).view(-1).tolist())
+    assert (freq - want).abs().max() < 4 * math.sqrt(0.25 / n)             # 4 sigma of a frequency
+    assert int((want > 0).sum()) == (5 if tie else 4) and (freq > 0).sum() == (want > 0).sum()
+
+
 # ---- MaskGIT ------------------------------------------------------------------------
 
 
