@@ -194,12 +194,12 @@ def tokenizer_stage(out, K, threads):
     return tok
 
 
-def sampling_args():
-    """sample.py's settings for the Inception FID: the ones train.py's evals sample with
-    (TRAIN_CONFIG's grid_*), so the FID scores the same distribution as accuracy and FLD."""
+def sampling():
+    """How the evals sample (TRAIN_CONFIG's grid_*); sample.py's Inception FID uses the same, so
+    it scores the same distribution as accuracy and FLD. -> sample.py's option values."""
     c = runpy.run_path(TRAIN_CONFIG)
-    return [f"--cfg_scale={c['grid_cfg_scale']:g}", f"--temperature={c.get('grid_temperature', 1.0):g}",
-            f"--top_k={c.get('grid_top_k', 0)}"]
+    return {"cfg_scale": c["grid_cfg_scale"], "temperature": c.get("grid_temperature", 1.0),
+            "top_k": c.get("grid_top_k", 0)}
 
 
 def run_job(job, a, threads):
@@ -220,7 +220,8 @@ def run_job(job, a, threads):
         # --overwrite: the .npz is this function's scratch file, deleted below. sample.py writes it
         # before it computes the FID, so an invocation killed (or failed) in between leaves one
         # behind, and sample.py refuses to replace an existing .npz unless told to.
-        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--num_samples={fid_samples}", *sampling_args(),
+        sh(["sample.py", f"--ckpt={d}/ckpt.pt", f"--num_samples={fid_samples}",
+            *[f"--{k}={v:g}" for k, v in sampling().items()],
             f"--fid_weights={a.fid_weights}", "--batch_size=250", f"--fid_cache_dir={a.out}/fid_refs",
             "--overwrite=True"]
            + [f"--{k}={a.set[k]}" for k in ("device", "dtype") if k in a.set], log, threads)
@@ -347,7 +348,7 @@ def table(K, objs, iters):
             if not len(its) or its[-1] != iters:
                 cells += ["—", "—"]
                 continue
-            cells.append(fmt(m[-1], lo[-1], hi[-1], 3))
+            cells.append(fmt(m[-1], lo[-1], hi[-1], 1 if key == "sample_fld" else 3))
             if ce:
                 cits, cm, _, _ = seed_stats([r[key] for r in ce.values()])
                 s = steps_to(its, m, cm[-1], up) if len(cm) else None
@@ -379,10 +380,12 @@ def report(a, jobs):
     res = collect(a, jobs)
     if not res:
         raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
-    parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run, evals at step 0 and every "
-             f"{a.iters // a.evals} steps of {a.eval_samples} class-balanced samples ({' '.join(sampling_args())[2:]}). Mean ± "
-             "half-range over seeds; steps to CE's value: first eval at which the seed-mean curve reaches CE's "
-             "final mean (MaskGIT rows: MaskGIT CE's). Inception FID: the seeds in --fid_seeds only.\n"]
+    how = ", ".join(f"{k} {v:g}" for k, v in sampling().items())
+    parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run; every {a.iters // a.evals} steps "
+             f"(and the NLL at step 0) the held-out NLL and {a.eval_samples} class-balanced samples ({how}) "
+             "scored by the classifier. Mean ± half-range over seeds; steps to CE's value: first eval at which "
+             "the seed-mean curve reaches CE's final mean (MaskGIT rows: MaskGIT CE's; CE's own row: when CE "
+             "first got there). Inception FID: the seeds in --fid_seeds only.\n"]
     for K in sorted(res):
         tok = os.path.join(a.out, f"k{K}", "tokenizer")
         m = read_json(os.path.join(tok, "metrics.json"), "tokenizer metrics") if os.path.isfile(

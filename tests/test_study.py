@@ -129,12 +129,12 @@ def test_report_numbers(tmp_path):
     rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
             for r in text.splitlines() if r.startswith("| ") and "---" not in r}
     # CE: NLL (4.4, 4.6) -> 4.500 ± 0.100, reached at 8; accuracy (0.8, 0.9) -> 0.850 ± 0.050; FLD (50, 52)
-    assert rows["CE"][1:] == ["2", "4.500 ± 0.100", "8", "0.850 ± 0.050", "8", "51.000 ± 1.000", "8", "30.5 ± 0.5"]
+    assert rows["CE"][1:] == ["2", "4.500 ± 0.100", "8", "0.850 ± 0.050", "8", "51.0 ± 1.0", "8", "30.5 ± 0.5"]
     # SNCE: its mean curve reaches CE's final NLL 4.5 at step 4 (4.5), accuracy 0.85 at 4 (0.9), FLD 51 at 8
-    assert rows["SNCE p=4"][1:] == ["2", "4.300 ± 0.100", "4", "0.950 ± 0.000", "4", "40.000 ± 0.000", "8",
+    assert rows["SNCE p=4"][1:] == ["2", "4.300 ± 0.100", "4", "0.950 ± 0.000", "4", "40.0 ± 0.0", "8",
                                     "20.0 ± 0.0"]
     assert rows["LS eps=0.1"][1:] == ["1", "5.000 ± 0.000", "not reached", "0.300 ± 0.000", "not reached",
-                                      "200.000 ± 0.000", "not reached", "—"]
+                                      "200.0 ± 0.0", "not reached", "—"]
     with open(os.path.join(out, "results.md")) as f:
         assert f.read() == text
     for png in ("study_delta.png", "study_curves.png", "study_sweep.png"):
