@@ -19,8 +19,8 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   classifier  mnist_classifier.py -> out/mnist_classifier/ckpt.pt (once; shared with train.py)
   tokenizers  per K: train_tokenizer.py config/study/tokenizer.py --codebook_size=K, encode
               train + val -> {out}/k{K}/tokenizer/ (metrics.json: val PSNR, code usage)
-  runs        per K: CE, SNCE (--perplexity), LS eps 0.1 (AR); at the largest K also the SNCE
-              --sweep perplexities and MaskGIT CE / SNCE: train.py config/study/train.py ->
+  runs        per K: CE, SNCE (--perplexity and the --sweep perplexities), LS eps 0.1 (AR); at
+              the largest K also MaskGIT CE / SNCE: train.py config/study/train.py ->
               {out}/k{K}/{run}_s{seed}/ (log.jsonl with NLL, accuracy, FLD at every eval), then
               sample.py --num_samples=--fid_samples: Inception FID of the final checkpoint
   premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
@@ -31,25 +31,17 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
 Jobs run --workers at a time with cores / workers threads each.
 Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
 
-Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 29 runs, FID for seed 0 only).
-Measured on this 2-core machine while it was shared with 4-5 other jobs (load 6-7), so in CPU
-seconds of one thread; "quiet" = CPU x 1.8, the factor between the CPU time measured here and the
-wall time the previous study saw on the idle machine with 2 workers x 1 thread (K = 16,384 CE:
-0.59 CPU-s vs 1.06 s per step):
-  item (one worker, one thread)               measured (CPU-s)   quiet (s)   count   worker-min
-  train step, K = 16,384, CE / SNCE p=25      0.59 / 0.56        1.06        15 x 1200   318
-  train step, K = 4,096 (interpolated)        ~0.30              0.54        7 x 1200    76
-  train step, K = 1,024, CE / SNCE            0.21 / 0.21        0.37        7 x 1200    52
-  eval, 1,000 samples, cfg 3, AR, K = 16,384  107 (2 threads)    190         9 x 9       257
-  eval, AR, K = 4,096 / 1,024 (estimated)     -                  120 / 95    7 x 9 each  226
-  eval, MaskGIT, K = 16,384 (estimated)       -                  60          6 x 9       54
-  Inception FID, 1,000 samples                9 core-min         540         13          117
-  tokenizer, 600 steps + encode               1.9 s/step (idle)  ~1,200      3           60
-  SNCE tau calibration at startup             27-55 (wall)       30          14          7
-  total                                                                                  ~1,170
-= ~9.7 h with 2 workers (1.0 h of it the step-0 evals, which train.py cannot skip yet). What
-was cut to fit: one label-smoothing seed per K and one seed for the sweep's perplexities 5 and
-95 (25 has 3), Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
+Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 33 runs, FID for seed 0 only),
+measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piece, from the
+.seconds files; the machine also ran tests part of the time):
+  tokenizer, 600 steps + encode                   K = 1,024: 898   4,096: 985   16,384: 2,562
+  AR run, 1,200 steps + 8 evals + Inception FID   K = 1,024: ~500  4,096: 806 / 842 (CE / SNCE)
+                                                  16,384: 2,165 / 2,195 (evals sampled all K codes
+                                                  then; top-k sampling is now 2.1x faster)
+  Inception FID, 1,000 samples                    ~200
+Projected: ~10 worker-hours in all, ~5 h of wall time with 2 workers. What was cut to fit: one
+label-smoothing seed per K and one seed for the sweep's perplexities 5 and 95 (25 has 3),
+Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
 """
 
 import argparse
@@ -94,11 +86,12 @@ def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
             add(K, f"SNCE p={perplexity:g}", f"snce_p{perplexity:g}", s, snce)
         for s in ls_seeds:
             add(K, "LS eps=0.1", "ls0.1", s, {"loss": "ls", "label_smoothing": 0.1})
+    for K in ks:  # the sweep at every K: the best softness may depend on the codebook
+        for p in sweep:
+            if p != perplexity:
+                for s in sweep_seeds:
+                    add(K, f"SNCE p={p:g}", f"snce_p{p:g}", s, {"loss": "snce", "target_perplexity": p})
     big = max(ks)
-    for p in sweep:
-        if p != perplexity:
-            for s in sweep_seeds:
-                add(big, f"SNCE p={p:g}", f"snce_p{p:g}", s, {"loss": "snce", "target_perplexity": p})
     for s in maskgit_seeds:
         add(big, "MaskGIT CE", "maskgit_ce", s, {"loss": "ce", "mode": "maskgit"})
         add(big, f"MaskGIT SNCE p={perplexity:g}", f"maskgit_snce_p{perplexity:g}", s, {**snce, "mode": "maskgit"})
@@ -466,26 +459,26 @@ def plots(a, res):
         fig.tight_layout()
         save_figure(fig, os.path.join(a.assets, "study_grids.png"), dpi=100)
         plt.close(fig)
-    # perplexity sweep at the largest K
-    big = res[ks[-1]]
-    sweep = sorted((float(n.split("=")[1]), r) for n, r in big.items() if n.startswith("SNCE p="))
+    # perplexity sweep: final metric vs the target's perplexity, one colour per K; CE dashed
+    sweeps = {K: sorted((float(n.split("=")[1]), r) for n, r in res[K].items() if n.startswith("SNCE p="))
+              for K in ks}
     toy = read_json(a.toy_metrics, "toy metrics") if os.path.isfile(a.toy_metrics) else {}
-    if sweep or toy.get("tau_sweep"):
+    if any(len(v) > 1 for v in sweeps.values()) or toy.get("tau_sweep"):
         fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(4.5 * (len(METRICS) + 1), 3.8))
-        for ax, (key, label, _) in zip(axes, METRICS):
-            for p, runs in sweep:
-                v = [r[key][a.iters] for r in runs.values() if a.iters in r[key]]
-                if not v:
-                    continue
-                ax.errorbar(p, np.mean(v), yerr=[[np.mean(v) - min(v)], [max(v) - np.mean(v)]], fmt="o", color="C3",
-                            capsize=3)
-            for i, name in enumerate(n for n in big if not n.startswith(("SNCE", "MaskGIT"))):
-                v = [r[key][a.iters] for r in big[name].values() if a.iters in r[key]]
-                if v:
-                    ax.axhline(np.mean(v), ls="--", color=f"C{i}", label=name)
+        for ax, (key, label, up) in zip(axes, METRICS):
+            for i, K in enumerate(ks):
+                pts = [(p, [r[key][a.iters] for r in runs.values() if a.iters in r[key]]) for p, runs in sweeps[K]]
+                pts = [(p, v) for p, v in pts if v]
+                if pts:
+                    ax.errorbar([p for p, _ in pts], [np.mean(v) for _, v in pts],
+                                yerr=[[np.mean(v) - min(v) for _, v in pts], [max(v) - np.mean(v) for _, v in pts]],
+                                fmt="o-", color=f"C{i}", capsize=3, label=f"SNCE, K = {K:,}")
+                ce = [r[key][a.iters] for r in res[K].get("CE", {}).values() if a.iters in r[key]]
+                if ce:
+                    ax.axhline(np.mean(ce), ls="--", color=f"C{i}", lw=1, label=f"CE, K = {K:,}")
             ax.set(xscale="log", xlabel="target perplexity exp H(q)", ylabel=label,
-                   title=f"K = {ks[-1]:,}: final {label} vs softness")
-            ax.legend(fontsize=7)
+                   title=f"final {label} vs softness ({'higher' if up else 'lower'} is better)")
+            ax.legend(fontsize=6)
         ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
         if toy.get("tau_sweep"):
             t = sorted(toy["tau_sweep"], key=float)
@@ -559,7 +552,7 @@ def parse(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CE and SNCE seeds")
     p.add_argument("--ls_seeds", type=int, nargs="+", default=[0], help="label smoothing seeds")
     p.add_argument("--perplexity", type=float, default=25.0, help="SNCE's target perplexity")
-    p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="largest K only")
+    p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="SNCE perplexities at every K (--sweep_seeds; --perplexity has --seeds)")
     p.add_argument("--sweep_seeds", type=int, nargs="*", default=[0])
     p.add_argument("--maskgit_seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=1200, help="training steps per run")

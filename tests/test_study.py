@@ -30,15 +30,16 @@ def test_plan_pairs_objectives_by_seed():
     jobs = study.plan([1024, 16384], [0, 1, 2], 25.0, [0], [5.0, 25.0, 95.0], [0], [0, 1, 2])
     names = [j[0] for j in jobs]
     assert len(names) == len(set(names))
-    # per K: 3 CE + 3 SNCE + 1 LS; largest K: + 2 sweep (25 is the main SNCE) + 6 MaskGIT
-    assert sum(n.startswith("k1024/") for n in names) == 7 and sum(n.startswith("k16384/") for n in names) == 15
+    # per K: 3 CE + 3 SNCE + 1 LS + 2 sweep (25 is the main SNCE); largest K: + 6 MaskGIT
+    assert sum(n.startswith("k1024/") for n in names) == 9 and sum(n.startswith("k16384/") for n in names) == 15
     by = {j[0]: j for j in jobs}
     assert by["k1024/ce_s2"][2:] == ("CE", 2, {"loss": "ce"})
     assert by["k16384/snce_p25_s1"][4] == {"loss": "snce", "target_perplexity": 25.0}
     assert by["k16384/snce_p95_s0"][4] == {"loss": "snce", "target_perplexity": 95.0}
     assert by["k16384/maskgit_snce_p25_s2"][4] == {"loss": "snce", "target_perplexity": 25.0, "mode": "maskgit"}
     assert by["k1024/ls0.1_s0"][4] == {"loss": "ls", "label_smoothing": 0.1}
-    assert "k1024/snce_p95_s0" not in by and "k1024/maskgit_ce_s0" not in by  # largest K only
+    assert by["k1024/snce_p5_s0"][4] == {"loss": "snce", "target_perplexity": 5.0}
+    assert "k1024/snce_p5_s1" not in by and "k1024/maskgit_ce_s0" not in by  # sweep: seed 0; MaskGIT: largest K
 
 
 def write_log(d, curves, fid=None, iters=None):
@@ -299,4 +300,4 @@ def test_job_order_puts_the_headline_first():
     first = [j[0] for j in jobs[:6]]
     assert first == ["k16384/ce_s0", "k16384/snce_p25_s0", "k4096/ce_s0", "k4096/snce_p25_s0",
                      "k1024/ce_s0", "k1024/snce_p25_s0"]
-    assert [study.job_group(j[2], 25.0) for j in jobs[6:13]] == [1, 1, 1, 2, 2, 3, 3]  # then seed 0's rest
+    assert [study.job_group(j[2], 25.0) for j in jobs[6:17]] == [1] * 3 + [2] * 6 + [3] * 2  # then seed 0's rest
