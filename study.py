@@ -35,7 +35,7 @@ Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 33 runs, FID for
 measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piece, from the
 .seconds files; the machine also ran tests part of the time):
   tokenizer, 600 steps + encode                   K = 1,024: 898   4,096: 985   16,384: 2,562
-  AR run, 1,200 steps + 8 evals + Inception FID   K = 1,024: ~500  4,096: 806 / 842 (CE / SNCE)
+  AR run, 1,200 steps + 8 evals + Inception FID   K = 1,024: 631 / 588   4,096: 806 / 842 (CE / SNCE)
                                                   16,384: 2,165 / 2,195 (evals sampled all K codes
                                                   then; top-k sampling is now 2.1x faster)
   Inception FID, 1,000 samples                    ~200
