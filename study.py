@@ -128,13 +128,18 @@ def run_state(d, iters, fid_samples):
     return "done"
 
 
+def read_seconds(path):
+    """A Clock file's seconds (0 when it does not exist yet)."""
+    return float(open(path).read()) if os.path.isfile(path) else 0.0
+
+
 class Clock:
     """Wall seconds spent on one piece of the study, summed over invocations (and sessions) in a
     small text file that is rewritten every `every` seconds: a killed invocation loses at most that."""
 
     def __init__(self, path, every=30.0):
         self.path, self.every, self.stop = path, every, threading.Event()
-        self.base = float(open(path).read()) if os.path.isfile(path) else 0.0
+        self.base = read_seconds(path)
         self.t0, self.thread = time.time(), threading.Thread(target=self._beat, daemon=True)
 
     def _write(self):
@@ -361,7 +366,7 @@ def compute_seconds(out):
     for root, _, files in os.walk(out):
         for f in files:
             if f.endswith(".seconds"):
-                v = float(open(os.path.join(root, f)).read())
+                v = read_seconds(os.path.join(root, f))
                 if os.path.basename(root) == "invocations" and os.path.dirname(root) == out.rstrip(os.sep):
                     wall += v
                 else:
