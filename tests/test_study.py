@@ -27,7 +27,7 @@ from tokenizer import Tokenizer, psnr  # noqa: E402
 
 
 def test_plan_pairs_objectives_by_seed():
-    jobs = study.plan([1024, 16384], [0, 1, 2], 25.0, [0], [5.0, 25.0, 95.0], [0], [0, 1, 2])
+    jobs = study.plan([1024, 16384], [0, 1, 2], {1024: 25.0, 16384: 25.0}, [0], [5.0, 25.0, 95.0], [0], [0, 1, 2])
     names = [j[0] for j in jobs]
     assert len(names) == len(set(names))
     # per K: 3 CE + 3 SNCE + 1 LS + 2 sweep (25 is the main SNCE); largest K: + 6 MaskGIT
@@ -40,6 +40,31 @@ def test_plan_pairs_objectives_by_seed():
     assert by["k1024/ls0.1_s0"][4] == {"loss": "ls", "label_smoothing": 0.1}
     assert by["k1024/snce_p5_s0"][4] == {"loss": "snce", "target_perplexity": 5.0}
     assert "k1024/snce_p5_s1" not in by and "k1024/maskgit_ce_s0" not in by  # sweep: seed 0; MaskGIT: largest K
+
+
+def test_plan_with_a_main_perplexity_per_K():
+    jobs = study.plan([1024, 16384], [0, 1], {1024: 5.0, 16384: 25.0}, [], [5.0, 25.0, 95.0], [0], [0])
+    by = {j[0]: j for j in jobs}
+    assert len(by) == len(jobs)
+    # K = 1,024: 5 has every seed, 25 and 95 are its sweep; K = 16,384 the other way round
+    assert {n for n in by if n.startswith("k1024/snce")} == {"k1024/snce_p5_s0", "k1024/snce_p5_s1",
+                                                              "k1024/snce_p25_s0", "k1024/snce_p95_s0"}
+    assert {n for n in by if n.startswith("k16384/snce")} == {"k16384/snce_p25_s0", "k16384/snce_p25_s1",
+                                                               "k16384/snce_p5_s0", "k16384/snce_p95_s0"}
+    assert by["k16384/maskgit_snce_p25_s0"][2:] == ("MaskGIT SNCE p=25", 0, {
+        "loss": "snce", "target_perplexity": 25.0, "mode": "maskgit"})
+    order = [j[0] for j in study.run_order(jobs, {1024: 5.0, 16384: 25.0})]
+    assert order[:4] == ["k16384/ce_s0", "k16384/snce_p25_s0", "k1024/ce_s0", "k1024/snce_p5_s0"]
+
+
+def test_main_perplexity():
+    assert study.main_perplexity(["25"], [8, 16]) == {8: 25.0, 16: 25.0}
+    assert study.main_perplexity(["25", "8=5"], [8, 16]) == {8: 5.0, 16: 25.0}
+    assert study.main_perplexity(["8=5", "16=95"], [8, 16]) == {8: 5.0, 16: 95.0}
+    for bad, msg in ((["8=5"], "no perplexity for K = \\[16\\]"), (["25", "32=5"], "names K = 32"),
+                     (["1"], "must be > 1"), (["8=x"], "expected P or K=P"), (["a=5"], "expected P or K=P")):
+        with pytest.raises(ValueError, match=msg):
+            study.main_perplexity(bad, [8, 16])
 
 
 def write_log(d, curves, fid=None, iters=None):
@@ -207,7 +232,7 @@ def test_premise_matches_direct_decode(tmp_path, monkeypatch):
 
 def test_argument_errors(tmp_path):
     out = str(tmp_path)
-    for bad in (["--iters", "10", "--evals", "3"], ["--perplexity", "1"], ["--sweep", "0.5"],
+    for bad in (["--iters", "10", "--evals", "3"], ["--perplexity", "1"], ["--perplexity", "7=5"], ["--sweep", "0.5"],
                 ["--set", "model_size"], ["--only", "nothing"]):
         with pytest.raises(SystemExit):
             study.parse(["--report_only", "--out", out] + bad)
