@@ -325,4 +325,4 @@ def test_job_order_puts_the_headline_first():
     first = [j[0] for j in jobs[:6]]
     assert first == ["k16384/ce_s0", "k16384/snce_p25_s0", "k4096/ce_s0", "k4096/snce_p25_s0",
                      "k1024/ce_s0", "k1024/snce_p5_s0"]  # the default main perplexity at K = 1,024 is 5
-    assert [study.job_group(j[2], 25.0) for j in jobs[6:17]] == [1] * 3 + [2] * 6 + [3] * 2  # then seed 0's rest
+    assert [study.job_group(j[2], a.perplexity[j[1]]) for j in jobs[6:17]] == [1] * 3 + [2] * 6 + [3] * 2  # then seed 0's rest
