@@ -52,6 +52,9 @@ MODELS = {
 }
 
 MODES = ("ar", "maskgit")
+# MaskGIT sampling computes logits for this many masked positions at a time: (rows, K) instead
+# of all (B, T, K) at once (B = 250, T = 256, K = 131,072 would be 34 GB of fp32 logits)
+SAMPLE_ROWS = 4096
 MASK_SCHEDULES = ("cosine", "arccos")
 
 
@@ -230,7 +233,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 def cfg_combine(logits, cfg_scale):
-    """(2B, ..., K) logits, cond rows first then uncond -> (B, ..., K) = u + s * (c - u)."""
+    """(2B, ..., K) logits, cond rows first then uncond -> (B, ..., K) = u + s * (c - u). Also
+    for the head's (2B, ..., C) inputs: the head is linear, so guiding them guides the logits."""
     cond, uncond = logits.chunk(2, dim=0)
     return uncond + cfg_scale * (cond - uncond)
 
@@ -512,11 +516,19 @@ class GPT(nn.Module):
         masked = torch.ones(B, T, dtype=torch.bool, device=device)
         reps = labels.size(0) // B
         for s in range(steps):
-            hidden = self._hidden(codes.repeat(reps, 1), labels, masked.repeat(reps, 1))
-            logits = self._guided(self.head(hidden), cfg_scale)  # (B, T, K)
-            sampled = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, T)
-            logp = logits.float().log_softmax(-1).gather(-1, sampled[..., None])[..., 0]
-            sampled = torch.where(masked, sampled, codes)
+            hidden = self._hidden(codes.repeat(reps, 1), labels, masked.repeat(reps, 1))  # (reps B, T, C)
+            if cfg_scale != 1.0:  # the head is linear: guiding its input guides the logits (B rows, not 2B)
+                hidden = cfg_combine(hidden, cfg_scale)                        # (B, T, C)
+            # only the masked positions are drawn (known tokens stay): (n, C), row-major order
+            picks, logps = [], []
+            for h in hidden[masked].split(SAMPLE_ROWS):
+                logits = self.head(h)                                           # (rows, K)
+                tok = sample_logits(logits, temperature, top_k, top_p, generator)
+                lf = logits.float()
+                logps.append(lf.gather(-1, tok[:, None])[:, 0] - lf.logsumexp(-1))  # log p(tok)
+                picks.append(tok)
+            sampled = codes.masked_scatter(masked, torch.cat(picks))
+            logp = torch.zeros(B, T, device=device).masked_scatter(masked, torch.cat(logps))
             ratio = (s + 1) / steps
             n_cur = int(masked[0].sum())  # the same in every row
             n_next = int(math.floor(T * mask_fraction(torch.tensor(ratio, dtype=torch.float64), cfg.mask_schedule).item()))
