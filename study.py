@@ -43,7 +43,7 @@ measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piec
   MaskGIT run, the same                           16,384: 4,452 / 4,694 (its evals took ~450 s each
                                                   then; MaskGIT sampling is now 2.4x faster)
   Inception FID, 1,000 samples                    ~200
-Projected: ~15 worker-hours in all, ~7.5 h of wall time with 2 workers. What was cut to fit: one
+Projected: ~15 worker-hours in all, ~8 h of wall time with 2 workers. What was cut to fit: one
 label-smoothing seed per K and one seed for the sweep's other perplexities (the main one has 3),
 Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
 """
