@@ -41,7 +41,7 @@ measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piec
                                                   16,384: 2,165 / 2,195 (evals sampled all K codes
                                                   then; top-k sampling is now 2.1x faster)
   MaskGIT run, the same                           16,384: 4,452 / 4,694 (its evals took ~450 s each
-                                                  then; MaskGIT sampling is now 2.4x faster)
+                                                  then; ~150 s with today's MaskGIT sampler)
   Inception FID, 1,000 samples                    ~200
 Projected: ~15 worker-hours in all, ~8 h of wall time with 2 workers. What was cut to fit: one
 label-smoothing seed per K and one seed for the sweep's other perplexities (the main one has 3),
