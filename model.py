@@ -522,9 +522,8 @@ class GPT(nn.Module):
             # only the masked positions are drawn (known tokens stay): (n, C), row-major order
             picks, logps = [], []
             for h in hidden[masked].split(SAMPLE_ROWS):
-                logits = self.head(h)                                           # (rows, K)
-                tok = sample_logits(logits, temperature, top_k, top_p, generator)
-                lf = logits.float()
+                lf = self.head(h).float()                                       # (rows, K)
+                tok = sample_logits(lf, temperature, top_k, top_p, generator)
                 logps.append(lf.gather(-1, tok[:, None])[:, 0] - lf.logsumexp(-1))  # log p(tok)
                 picks.append(tok)
             sampled = codes.masked_scatter(masked, torch.cat(picks))
