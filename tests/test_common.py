@@ -102,6 +102,17 @@ def test_lr_schedule_against_naive(warmup, decay):
         assert got[0] > 0 and all(a < b for a, b in zip(got[:warmup - 1], got[1:warmup]))
 
 
+def test_resume_keeps_the_cosine_length_unless_told():
+    """Both trainers' rule: a resume keeps the stored schedule (a note when max_iters now runs
+    past it), an explicit different length is taken with a warning, the same one silently."""
+    assert common.resume_decay_iters(6, None, 6, 3, "r/ckpt.pt") == (6, None)
+    n, msg = common.resume_decay_iters(6, None, 10, 6, "r/ckpt.pt")
+    assert n == 6 and msg.startswith("note:") and "r/ckpt.pt ends at iter 6" in msg
+    n, msg = common.resume_decay_iters(6, 10, 10, 6, "r/ckpt.pt")
+    assert n == 10 and msg.startswith("warning:") and "(it was 6) at iter 6" in msg
+    assert common.resume_decay_iters(6, 6, 10, 4, "r/ckpt.pt") == (6, None)
+
+
 def test_batch_indices_cover_each_epoch_once_and_shard_ranks():
     n, bs, world, seed = 50, 4, 3, 7
     per_epoch = common.batches_per_epoch(n, world, bs)            # 50 // 3 // 4 = 4

@@ -416,6 +416,25 @@ def test_train_tokenizer_run_dir_safety(tmp_path, capsys):
         run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "none", "--init_from=resume"))
 
 
+def test_train_tokenizer_resume_keeps_the_schedule(tmp_path, capsys):
+    """Like train.py: the cosine length is stored; a longer resume keeps it (lr = min_lr past
+    it, with a note) unless --lr_decay_iters says otherwise (a warning)."""
+    make_image_folder(tmp_path)
+    run = tmp_path / "run"
+    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--min_lr=1e-4"))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 3
+    capsys.readouterr()
+    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=5", "--min_lr=1e-4",
+                                                   "--init_from=resume"))
+    out = capsys.readouterr().out
+    assert "ends at iter 3 (kept" in out and "iter 4 | " in out and "lr 1.0e-04" in out.split("iter 4 | ")[1]
+    assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 3
+    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6", "--lr_decay_iters=9",
+                                                   "--init_from=resume"))
+    assert "changes the run's cosine schedule (it was 3) at iter 5" in capsys.readouterr().out
+    assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 9
+
+
 @pytest.mark.parametrize("kind", sorted(BAD_CKPT))
 def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
     make_image_folder(tmp_path)
@@ -433,7 +452,7 @@ def test_exact_resume(tmp_path):
     run = lambda out, *a: subprocess.run(  # noqa: E731
         [sys.executable, os.path.join(ROOT, "train_tokenizer.py"),
          *tiny_run_args(tmp_path, out, "--random_flip=True", *a)], capture_output=True, text=True, cwd=ROOT)
-    for a in ([tmp_path / "full", "--max_iters=6"], [tmp_path / "half", "--max_iters=3"],
+    for a in ([tmp_path / "full", "--max_iters=6"], [tmp_path / "half", "--max_iters=3", "--lr_decay_iters=6"],
               [tmp_path / "half", "--max_iters=6", "--init_from=resume"]):
         p = run(*a)
         assert p.returncode == 0, p.stderr
