@@ -357,8 +357,10 @@ def paired_delta(a_runs, b_runs, key, at):
     return np.array([b_runs[s][key][at] - a_runs[s][key][at] for s in seeds])
 
 
-def fmt(mean, lo, hi, digits):
-    return f"{mean:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+def fmt(values, digits):
+    """One seed's value as it is; several seeds' as mean ± half-range."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f}" + (f" ± {(v.max() - v.min()) / 2:.{digits}f}" if len(v) > 1 else "")
 
 
 def collect(a, jobs):
@@ -390,11 +392,11 @@ def table(K, objs, iters):
         cells = [name, str(len(runs))]
         ce = ces["MaskGIT" if name.startswith("MaskGIT") else "CE"]
         for key, _, up in METRICS:
-            its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
+            its, m, _, _ = seed_stats([r[key] for r in runs.values()])
             if not len(its) or its[-1] != iters:
                 cells += ["—", "—"]
                 continue
-            cells.append(fmt(m[-1], lo[-1], hi[-1], 1 if key == "sample_fld" else 3))
+            cells.append(fmt([r[key][iters] for r in runs.values()], 1 if key == "sample_fld" else 3))
             if ce:
                 cits, cm, _, _ = seed_stats([r[key] for r in ce.values()])
                 s = steps_to(its, m, cm[-1], up) if len(cm) else None
@@ -402,7 +404,7 @@ def table(K, objs, iters):
             else:
                 cells.append("—")
         f = [r["fid"] for r in runs.values() if r.get("fid") is not None]
-        cells.append(fmt(np.mean(f), min(f), max(f), 1) if f else "—")
+        cells.append(fmt(f, 1) if f else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -429,7 +431,7 @@ def report(a, jobs):
     how = ", ".join(f"{k} {v:g}" for k, v in sampling().items())
     parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run; every {a.iters // a.evals} steps "
              f"(and the NLL at step 0) the held-out NLL and {a.eval_samples} class-balanced samples ({how}) "
-             "scored by the classifier. Mean ± half-range over seeds; steps to CE's value: first eval at which "
+             "scored by the classifier. Mean ± half-range over seeds (one seed: its value); steps to CE's value: first eval at which "
              "the seed-mean curve reaches CE's final mean (MaskGIT rows: MaskGIT CE's; CE's own row: when CE "
              "first got there). Inception FID: the seeds in --fid_seeds only. SNCE's main target perplexity "
              "(all seeds, MaskGIT, the headline figure): "
