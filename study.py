@@ -409,6 +409,28 @@ def table(K, objs, iters):
     return "\n".join(lines)
 
 
+def delta_table(res, perplexity, iters):
+    """The markdown table of SNCE (main perplexity) - CE, MaskGIT SNCE - MaskGIT CE and LS - CE at
+    the last step, paired by seed, per K: mean [min, max] over seeds and each seed's value."""
+    head = ["K", "difference", "seeds"] + [label for _, label, _ in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for K in sorted(res):
+        main = f"SNCE p={perplexity[K]:g}"
+        for base, other in (("CE", main), ("MaskGIT CE", f"MaskGIT {main}"), ("CE", "LS eps=0.1")):
+            if base not in res[K] or other not in res[K]:
+                continue
+            seeds = sorted(set(res[K][base]) & set(res[K][other]))
+            cells = []
+            for key, _, _ in METRICS:
+                d, n = paired_delta(res[K][base], res[K][other], key, iters), 1 if key == "sample_fld" else 3
+                each = ", ".join(f"{x:+.{n}f}" for x in d)
+                cells.append("—" if not len(d) else each if len(d) == 1 else
+                             f"{d.mean():+.{n}f} [{d.min():+.{n}f}, {d.max():+.{n}f}] ({each})")
+            lines.append(f"| {K:,} | {other} - {base} | {', '.join(map(str, seeds))} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def compute_seconds(out):
     """-> (wall seconds summed over study.py invocations, seconds summed over its pieces) from
     the Clock files under out: invocations/*.seconds and each piece's {log}.seconds."""
@@ -446,6 +468,8 @@ def report(a, jobs):
                 f"steps {m['train_util_window'][0]:.3f} (perplexity {m['train_ppl_window'][0]:.0f})"
                 if m else "tokenizer: no metrics.json")
         parts.append(f"## K = {K:,}\n\n{info}\n\n{table(K, res[K], a.iters)}\n")
+    parts.append(f"## Differences at step {a.iters}, paired by seed\n\nmean [min, max] over seeds (each "
+                 f"seed's value, in seed order)\n\n{delta_table(res, a.perplexity, a.iters)}\n")
     for K in sorted(long):  # labels "CE, N steps": the table's CE reference is the long CE
         objs = {n.rsplit(", ", 1)[0]: runs for n, runs in long[K].items()}
         parts.append(f"## K = {K:,}, trained {a.long_iters} steps (CE and SNCE only)\n\n"

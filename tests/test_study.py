@@ -175,6 +175,13 @@ def test_report_numbers(tmp_path):
                                     "20.0 ± 0.0"]
     assert rows["LS eps=0.1"][1:] == ["1", "5.000", "not reached", "0.300", "not reached", "200.0", "not reached",
                                       "—"]
+    # paired by seed: SNCE - CE NLL -0.2 / -0.2, accuracy +0.15 / +0.05, FLD -10 / -12; LS - CE seed 0 only
+    deltas = {r.split(" | ")[1]: r.split(" | ")[2:] for r in text.split("paired by seed")[1].splitlines()
+              if r.startswith("| 64 |")}
+    assert deltas["SNCE p=4 - CE"] == ["0, 1", "-0.200 [-0.200, -0.200] (-0.200, -0.200)",
+                                       "+0.100 [+0.050, +0.150] (+0.150, +0.050)",
+                                       "-11.0 [-12.0, -10.0] (-10.0, -12.0) |"]
+    assert deltas["LS eps=0.1 - CE"] == ["0", "+0.600", "-0.500", "+150.0 |"]
     with open(os.path.join(out, "results.md")) as f:
         assert f.read() == text
     for png in ("study_delta.png", "study_curves.png", "study_sweep.png"):
