@@ -491,16 +491,16 @@ class GPT(nn.Module):
             self.train(was_training)
         return codes.view(B, cfg.grid_h, cfg.grid_w, cfg.levels)
 
-    def _guided(self, logits, cfg_scale):
-        return cfg_combine(logits, cfg_scale) if cfg_scale != 1.0 else logits
-
     def _generate_ar(self, labels, B, cfg_scale, temperature, top_k, top_p, generator):
         T = self.config.seq_len
         cache = KVCache(self.config.n_layer, T)
         codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
         prev = None
         for t in range(T):
-            logits = self._guided(self.head(self._ar_step(prev, labels, cache)), cfg_scale)  # (B, K)
+            h = self._ar_step(prev, labels, cache)                    # (reps B, C)
+            if cfg_scale != 1.0:  # the head is linear: guiding its input guides the logits
+                h = cfg_combine(h, cfg_scale)                         # (B, C)
+            logits = self.head(h)                                     # (B, K)
             codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
             prev = codes[:, t].repeat(labels.size(0) // B)  # feed both cfg halves the same token
         return codes
