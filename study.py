@@ -27,25 +27,24 @@ train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.
   premise     on the largest-K tokenizer: val digits decoded with every token replaced by the
               k-th nearest code to its latent (k = 1 is the tokenizer's own code) or a random
               code -> {out}/premise.json (PSNR, classifier accuracy per k), assets/study_premise.png
-  report      {out}/results.md (with the premise table) and assets/study_{delta,curves,
-              grids,sweep}.png, each written atomically
+  report      {out}/results.md (a table per K, the differences paired by seed, the long pair,
+              the premise) and assets/study_{delta,curves,grids,sweep}.png, each written atomically
 Jobs run --workers at a time with cores / workers threads each.
 Tests: python -m pytest -q tests/test_study.py (add -m slow for the driver end to end).
 
 Budget (defaults: --iters 1200, --evals 8, --eval_samples 1000, 33 runs + 2 of 2,400 steps, FID
-for seed 0 only),
-measured with 2 workers x 1 thread on this 2-core machine (wall seconds per piece, from the
-.seconds files; the machine also ran tests part of the time):
+for seed 0 only), measured with 2 workers x 1 thread on this 2-core machine (wall seconds per
+piece, from the .seconds files; the machine also ran tests part of the time):
   tokenizer, 600 steps + encode                   K = 1,024: 898   4,096: 985   16,384: 2,562
-  AR run, 1,200 steps + 8 evals + Inception FID   K = 1,024: 631 / 588   4,096: 806 / 842 (CE / SNCE)
-                                                  16,384: 2,165 / 2,195 (evals sampled all K codes
-                                                  then; top-k sampling is now 2.1x faster)
-  MaskGIT run, the same                           16,384: 4,452 / 4,694 (its evals took ~450 s each
-                                                  then; ~150 s with today's MaskGIT sampler)
-  Inception FID, 1,000 samples                    ~200
-Projected: ~15 worker-hours in all, ~8 h of wall time with 2 workers. What was cut to fit: one
-label-smoothing seed per K and one seed for the sweep's other perplexities (the main one has 3),
-Inception FID on seed 0 only, 1,200 steps (8.5 epochs).
+  AR run, 1,200 steps + 8 evals                   K = 1,024: 340-363   4,096: 446-518
+                                                  16,384: 1,003-1,333
+  MaskGIT run, the same                           16,384: 1,110-1,350
+  Inception FID of 1,000 samples (seed 0)         ~270
+  AR run, 2,400 steps + 8 evals + FID             16,384: 1,981 (CE) / 2,268 (SNCE)
+The whole study measured 6.83 h of wall time over study.py invocations (13.4 worker-hours), plus
+2,562 s for the K = 16,384 tokenizer, trained before the clock files existed: 7.55 h. What was cut to fit: one label-smoothing seed per K and one
+seed for the sweep's other perplexities (the main one has 3), Inception FID on seed 0 only,
+1,200 steps (8.5 epochs) but for the long pair.
 """
 
 import argparse
