@@ -42,9 +42,9 @@ piece, from the .seconds files; the machine also ran tests part of the time):
   Inception FID of 1,000 samples (seed 0)         ~270
   AR run, 2,400 steps + 8 evals + FID             16,384: 1,981 (CE) / 2,268 (SNCE)
 The whole study measured 6.83 h of wall time over study.py invocations (13.4 worker-hours), plus
-2,562 s for the K = 16,384 tokenizer, trained before the clock files existed: 7.55 h. What was cut to fit: one label-smoothing seed per K and one
-seed for the sweep's other perplexities (the main one has 3), Inception FID on seed 0 only,
-1,200 steps (8.5 epochs) but for the long pair.
+2,562 s for the K = 16,384 tokenizer, trained before the clock files existed: 7.55 h. What was
+cut to fit: one label-smoothing seed per K and one seed for the sweep's other perplexities (the
+main one has 3), Inception FID on seed 0 only, 1,200 steps (8.5 epochs) but for the long pair.
 """
 
 import argparse
