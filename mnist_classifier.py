@@ -119,7 +119,7 @@ def train_classifier(epochs=25, batch_size=64, lr=2e-3, weight_decay=1e-4, max_s
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        acc = (predict(clf, xv).argmax(1) == yv).float().mean().item()
+        acc = (predict(clf, xv).argmax(1) == yv).double().mean().item()  # exact share, as conditional_accuracy
         log(f"epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}, val accuracy {acc:.4f} "
             f"({time.time() - t0:.0f} s)")
     info = dict(val_accuracy=acc, n_train=len(x), n_val=len(xv), epochs=epochs, batch_size=batch_size,
