@@ -178,19 +178,21 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, decay_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def resume_decay_iters(saved, requested, max_iters, it, ckpt_path):
-    """The cosine length (lr_at's decay_iters) a resumed run trains with, and a line to print or
-    None. saved: the length the run started with, stored in ckpt_path; requested: lr_decay_iters
-    set explicitly now (None when not set). Not set: the run keeps its own schedule whatever
-    max_iters is now (past its end lr stays at min_lr), so continuing a run never re-warms it.
-    Set and different: the new length, with a warning that the lr jumps at step `it`."""
+def resume_decay_iters(ck, requested, max_iters, ckpt_path):
+    """The cosine length (lr_at's decay_iters) a run resumed from checkpoint ck trains with, and a
+    line to print or None. The run's own length is ck's "lr_decay_iters" (older checkpoints: their
+    config's, else its max_iters); requested: lr_decay_iters set explicitly now (None when not
+    set). Not set: the run keeps its own schedule whatever max_iters is now (past its end lr stays
+    at min_lr), so continuing a run never re-warms it. Set and different: the new length, with a
+    warning that the lr jumps at the checkpoint's step."""
+    saved = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
     if requested is None:
         note = (f"note: the cosine schedule of {ckpt_path} ends at iter {saved} (kept; lr = min_lr "
                 f"after it); pass --lr_decay_iters=N to stretch it") if max_iters > saved else None
         return saved, note
     if requested != saved:
         return requested, (f"warning: lr_decay_iters={requested} changes the run's cosine schedule "
-                           f"(it was {saved}) at iter {it}: the learning rate jumps")
+                           f"(it was {saved}) at iter {ck['iter']}: the learning rate jumps")
     return requested, None
 
 

@@ -491,16 +491,19 @@ class GPT(nn.Module):
             self.train(was_training)
         return codes.view(B, cfg.grid_h, cfg.grid_w, cfg.levels)
 
+    @staticmethod
+    def _guided(hidden, cfg_scale):
+        """(reps B, ..., C) head inputs -> (B, ..., C): the head is linear, so guiding its input
+        guides the logits, with one (B, ..., K) logits block instead of two."""
+        return cfg_combine(hidden, cfg_scale) if cfg_scale != 1.0 else hidden
+
     def _generate_ar(self, labels, B, cfg_scale, temperature, top_k, top_p, generator):
         T = self.config.seq_len
         cache = KVCache(self.config.n_layer, T)
         codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
         prev = None
         for t in range(T):
-            h = self._ar_step(prev, labels, cache)                    # (reps B, C)
-            if cfg_scale != 1.0:  # the head is linear: guiding its input guides the logits
-                h = cfg_combine(h, cfg_scale)                         # (B, C)
-            logits = self.head(h)                                     # (B, K)
+            logits = self.head(self._guided(self._ar_step(prev, labels, cache), cfg_scale))  # (B, K)
             codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
             prev = codes[:, t].repeat(labels.size(0) // B)  # feed both cfg halves the same token
         return codes
@@ -516,9 +519,8 @@ class GPT(nn.Module):
         masked = torch.ones(B, T, dtype=torch.bool, device=device)
         reps = labels.size(0) // B
         for s in range(steps):
-            hidden = self._hidden(codes.repeat(reps, 1), labels, masked.repeat(reps, 1))  # (reps B, T, C)
-            if cfg_scale != 1.0:  # the head is linear: guiding its input guides the logits (B rows, not 2B)
-                hidden = cfg_combine(hidden, cfg_scale)                        # (B, T, C)
+            hidden = self._guided(self._hidden(codes.repeat(reps, 1), labels, masked.repeat(reps, 1)),
+                                  cfg_scale)                                   # (B, T, C)
             # only the masked positions are drawn (known tokens stay): (n, C), row-major order
             picks, logps = [], []
             for h in hidden[masked].split(SAMPLE_ROWS):

@@ -356,10 +356,15 @@ def paired_delta(a_runs, b_runs, key, at):
     return np.array([b_runs[s][key][at] - a_runs[s][key][at] for s in seeds])
 
 
-def fmt(values, digits):
-    """One seed's value as it is; several seeds' as mean ± half-range."""
+def digits(key):
+    """Decimals a metric is reported with: FLD is in the tens to hundreds, the others below 10."""
+    return 1 if key == "sample_fld" else 3
+
+
+def fmt(values, n):
+    """One seed's value as it is; several seeds' as mean ± half-range, n decimals."""
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f}" + (f" ± {(v.max() - v.min()) / 2:.{digits}f}" if len(v) > 1 else "")
+    return f"{v.mean():.{n}f}" + (f" ± {(v.max() - v.min()) / 2:.{n}f}" if len(v) > 1 else "")
 
 
 def collect(a, jobs):
@@ -395,7 +400,7 @@ def table(K, objs, iters):
             if not len(its) or its[-1] != iters:
                 cells += ["—", "—"]
                 continue
-            cells.append(fmt([r[key][iters] for r in runs.values()], 1 if key == "sample_fld" else 3))
+            cells.append(fmt([r[key][iters] for r in runs.values()], digits(key)))
             if ce:
                 cits, cm, _, _ = seed_stats([r[key] for r in ce.values()])
                 s = steps_to(its, m, cm[-1], up) if len(cm) else None
@@ -421,7 +426,7 @@ def delta_table(res, perplexity, iters):
             seeds = sorted(set(res[K][base]) & set(res[K][other]))
             cells = []
             for key, _, _ in METRICS:
-                d, n = paired_delta(res[K][base], res[K][other], key, iters), 1 if key == "sample_fld" else 3
+                d, n = paired_delta(res[K][base], res[K][other], key, iters), digits(key)
                 each = ", ".join(f"{x:+.{n}f}" for x in d)
                 cells.append("—" if not len(d) else each if len(d) == 1 else
                              f"{d.mean():+.{n}f} [{d.min():+.{n}f}, {d.max():+.{n}f}] ({each})")

@@ -433,9 +433,8 @@ if init_from == "resume":
     if (ck.get("ema") is None) != (ema_decay == 0):
         raise ValueError(f"init_from=resume: ema_decay={ema_decay} but the checkpoint {ckpt_path} "
                          f"{'has no' if ck.get('ema') is None else 'has an'} EMA")
-    saved_decay = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
-    decay_iters, msg = resume_decay_iters(saved_decay, decay_iters if "lr_decay_iters" in _explicit else None,  # noqa: F821
-                                          max_iters, ck["iter"], ckpt_path)
+    requested = decay_iters if "lr_decay_iters" in _explicit else None  # noqa: F821
+    decay_iters, msg = resume_decay_iters(ck, requested, max_iters, ckpt_path)
     if msg and master:
         print(msg)
     changed = config_diff({"random_flip": False, **ck["config"]}, config, ("seed", "loss") + SNCE_KEYS + (

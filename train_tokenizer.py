@@ -139,9 +139,8 @@ def resume(model, optimizer, cfg, ckpt_path, window):
                          f"(missing {missing}): a generator checkpoint from train.py?")
     check_resume(ckpt_path, config_diff(ck["model_config"], asdict(cfg), asdict(cfg)), "model config")
     check_resume(ckpt_path, config_diff(ck["config"], config, RESUME_KEYS))
-    saved = ck.get("lr_decay_iters") or ck["config"].get("lr_decay_iters") or ck["config"]["max_iters"]
     requested = lr_decay_iters or max_iters if "lr_decay_iters" in _explicit else None  # noqa: F821
-    decay_iters, msg = resume_decay_iters(saved, requested, max_iters, ck["iter"], ckpt_path)
+    decay_iters, msg = resume_decay_iters(ck, requested, max_iters, ckpt_path)
     if msg and master:
         print(msg)
     if master and ck.get("world_size", world_size) != world_size:

@@ -104,13 +104,17 @@ def test_lr_schedule_against_naive(warmup, decay):
 
 def test_resume_keeps_the_cosine_length_unless_told():
     """Both trainers' rule: a resume keeps the stored schedule (a note when max_iters now runs
-    past it), an explicit different length is taken with a warning, the same one silently."""
-    assert common.resume_decay_iters(6, None, 6, 3, "r/ckpt.pt") == (6, None)
-    n, msg = common.resume_decay_iters(6, None, 10, 6, "r/ckpt.pt")
+    past it), an explicit different length is taken with a warning, the same one silently; a
+    checkpoint without a stored length falls back to its config's, then to its max_iters."""
+    ck = lambda it, **stored: {"iter": it, "lr_decay_iters": 6, "config": {"max_iters": 99}, **stored}  # noqa: E731
+    assert common.resume_decay_iters(ck(3), None, 6, "r/ckpt.pt") == (6, None)
+    n, msg = common.resume_decay_iters(ck(6), None, 10, "r/ckpt.pt")
     assert n == 6 and msg.startswith("note:") and "r/ckpt.pt ends at iter 6" in msg
-    n, msg = common.resume_decay_iters(6, 10, 10, 6, "r/ckpt.pt")
+    n, msg = common.resume_decay_iters(ck(6), 10, 10, "r/ckpt.pt")
     assert n == 10 and msg.startswith("warning:") and "(it was 6) at iter 6" in msg
-    assert common.resume_decay_iters(6, 6, 10, 4, "r/ckpt.pt") == (6, None)
+    assert common.resume_decay_iters(ck(4), 6, 10, "r/ckpt.pt") == (6, None)
+    old = {"iter": 2, "config": {"lr_decay_iters": 0, "max_iters": 6}}  # written before it was stored
+    assert common.resume_decay_iters(old, None, 6, "r/ckpt.pt") == (6, None)
 
 
 def test_batch_indices_cover_each_epoch_once_and_shard_ranks():
