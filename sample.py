@@ -30,10 +30,10 @@ import os
 import numpy as np
 import torch
 
-from common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
+from support.common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
-from data import save_grid, to_uint8
+from support.data import save_grid, to_uint8
 
 # -----------------------------------------------------------------------------
 # config
@@ -73,7 +73,7 @@ def check_config(config):
 def load_tokenizer(ck, dev, verbose=True):
     """The generator's tokenizer (this repo's or a pretrained file: pretrained.load_any_tokenizer),
     refused unless it is the one it was trained with."""
-    from pretrained import load_any_tokenizer
+    from support.pretrained import load_any_tokenizer
     path = tokenizer_ckpt or resolve_path(ck["tokenizer_ckpt"], os.path.dirname(os.path.abspath(ckpt)),
                                           f"tokenizer checkpoint named in {ckpt}")
     tok = load_any_tokenizer(path, dev, ck["meta"].get("image_size"), verbose)
@@ -104,7 +104,7 @@ def main():
     import torch.distributed as dist
     from tqdm import tqdm
 
-    import fid
+    from support import fid
     from model import GPT, GPTConfig
 
     ddp, rank, _, world_size, dev = init_distributed(device)

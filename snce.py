@@ -48,7 +48,7 @@ Speed: each chunk of rows runs either the eager path (plain PyTorch ops, the rea
 or the same computation as a torch.compile'd two-pass kernel (the default where a compiler is
 available; compile=False or SNCE_COMPILE=0 turn it off). The numbers agree to fp32 rounding.
 
-Benchmark: `python bench_snce.py` (bench_snce.py says what it measures).
+Benchmark: `python -m support.bench_snce` (bench_snce.py says what it measures).
 """
 
 import math

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-from common import fingerprint, load_checkpoint, shard_range
+from support import data
+from support.common import fingerprint, load_checkpoint, shard_range
 from snce import METRICS, nearest_code
 
 # -----------------------------------------------------------------------------

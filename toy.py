@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import save_figure, write_json
+from support.common import save_figure, write_json
 from snce import snce_loss
 
 CENTERS = torch.tensor([[-1.2, -1.2], [1.2, 1.2]], dtype=torch.float64)

@@ -88,14 +88,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import data
-from calibrate import calibrate_tau, q_stats
-from common import (append_jsonl, batch_indices, batches_per_epoch, check_choice, check_range,
+from support import data
+from support.calibrate import calibrate_tau, q_stats
+from support.common import (append_jsonl, batch_indices, batches_per_epoch, check_choice, check_range,
                     check_resume, config_diff, configure, init_distributed, lr_at, load_checkpoint,
                     portable_path, prepare_run_dir, read_jsonl, resolve_path, resume_decay_iters,
                     rewrite_jsonl, save_checkpoint, setup_device, step_seed, warn_ignored)
 from model import GPT, MASK_SCHEDULES, MODELS, MODES, GPTConfig
-from pretrained import load_any_tokenizer, open_tokenizer
+from support.pretrained import load_any_tokenizer, open_tokenizer
 from snce import METRICS, dissimilarity, fused_linear_snce_levels
 from tokenizer import residuals_from
 
@@ -581,7 +581,7 @@ def save_sample_grid(path):
 # ---- sample metrics at every eval: a classifier of the real digits scores generated ones ----
 clf, clf_ref = None, None  # the classifier; (mu, sigma) of its features on the val images
 if eval_classifier:
-    from mnist_classifier import IMAGE_SHAPE, NUM_CLASSES, conditional_accuracy, feature_stats, \
+    from support.mnist_classifier import IMAGE_SHAPE, NUM_CLASSES, conditional_accuracy, feature_stats, \
         frechet_lenet_distance, load_classifier
     decoded = (tok.config.in_channels, tok.config.image_size, tok.config.image_size)
     if decoded != IMAGE_SHAPE or num_classes > NUM_CLASSES:

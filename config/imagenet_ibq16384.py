@@ -6,10 +6,10 @@ the encoder's EMA weights; `pretrained.py` says which set it loaded; int8 latent
 ImageNet train instead of float16's 168 GB, see encode.py):
 
     IBQ=/ckpt/imagenet256_16384.ckpt; ENC=/data/encoded/ibq16384
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=$IBQ --dataset=folder \
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=$IBQ --dataset=folder \
         --data_root=/data/imagenet --image_size=256 --split=train --encode_dir=$ENC/train \
         --latents_dtype=int8 --device=cuda --num_workers=8
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=$IBQ --dataset=folder \
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=$IBQ --dataset=folder \
         --data_root=/data/imagenet --image_size=256 --split=val --encode_dir=$ENC/val \
         --latents_dtype=int8 --device=cuda --num_workers=8
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py \

@@ -16,11 +16,11 @@ downloaded tokenizer (pretrained.py; encode commands in each file):
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py config/imagenet_ibq16384.py
 Alone, it trains on this repo's own ImageNet tokenizer (pixel MSE only: blurry decodes, so its
 FIDs are not the paper's), encoded first:
-    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py \
+    torchrun --standalone --nproc_per_node=8 -m support.train_tokenizer config/tokenizer_imagenet.py \
         --data_root=/data/imagenet --codebook_size=131072
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=out/tokenizer_imagenet/ckpt.pt \
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=out/tokenizer_imagenet/ckpt.pt \
         --split=train --device=cuda        # -> out/tokenizer_imagenet/encoded_train
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=out/tokenizer_imagenet/ckpt.pt \
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=out/tokenizer_imagenet/ckpt.pt \
         --split=val --device=cuda
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py
 Either way: --loss=ce --out_dir=... for the CE row, --init_from=resume continues exactly.

@@ -1,6 +1,6 @@
 # ImageNet 256px, factor 16 (16x16 grid), D=16, one level of K=16,384 codes (plain VQ).
 # Expects {data_root}/train/<class>/*.JPEG and {data_root}/val/<class>/*.JPEG.
-# torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py \
+# torchrun --standalone --nproc_per_node=8 -m support.train_tokenizer config/tokenizer_imagenet.py \
 #     --data_root=/data/imagenet --scan_images=True
 # Pixel MSE only (no perceptual / GAN loss): good codes for SNCE experiments, blurry pictures.
 out_dir = "out/tokenizer_imagenet"

@@ -1,6 +1,6 @@
 # MNIST-5k on CPU: 4 residual levels x K=4096 codes, an 8x8 grid of D=8 latents (256 tokens/image).
-# python train_tokenizer.py config/tokenizer_mnist.py   (~4.5 min on 2 idle CPU cores, more when shared)
-# then: python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=train (and --split=val)
+# python -m support.train_tokenizer config/tokenizer_mnist.py   (~4.5 min on 2 idle CPU cores, more when shared)
+# then: python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=train (and --split=val)
 out_dir = "out/tokenizer_mnist"
 dataset = "mnist"
 image_size = 32

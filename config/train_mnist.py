@@ -1,8 +1,8 @@
 # MNIST-5k generator on CPU: AR "mini" transformer (4 layers, 128 wide) over the 8x8x4 RQ codes
 # (T = 256, K = 4096) of config/tokenizer_mnist.py, trained with SNCE. The whole CPU pipeline:
-#   python train_tokenizer.py config/tokenizer_mnist.py                              # tokenizer
-#   python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=train               # memmaps
-#   python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
+#   python -m support.train_tokenizer config/tokenizer_mnist.py                              # tokenizer
+#   python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=train               # memmaps
+#   python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
 #   python train.py config/train_mnist.py                                           # this file
 #   python sample.py config/sample_mnist.py                                         # grid (+ FID)
 # Baselines: --loss=ce --out_dir=out/train_mnist_ce, --loss=ls --out_dir=out/train_mnist_ls

@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import tokenizer as tk  # noqa: E402
-from common import save_checkpoint  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support.common import save_checkpoint  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 
 NUM_CLASSES = 3
 

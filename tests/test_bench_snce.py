@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-import bench_snce
+from support import bench_snce
 from snce import compile_available
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from calibrate import calibrate_tau, q_stats, row_stats  # noqa: E402
+from support.calibrate import calibrate_tau, q_stats, row_stats  # noqa: E402
 
 
 def naive_row(z, codebook, tau, metric):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from common import configure, load_checkpoint, save_checkpoint  # noqa: E402
+from support import common  # noqa: E402
+from support.common import configure, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def defaults():

@@ -15,8 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
-from encode import block_layout, encode_split, rank_blocks  # noqa: E402
+from support import data  # noqa: E402
+from support.encode import block_layout, encode_split, rank_blocks  # noqa: E402
 from helpers import class_images, make_encoded, make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import fid  # noqa: E402
+from support import fid  # noqa: E402
 
 
 def naive_fid(mu1, s1, mu2, s2):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import mnist_classifier as mc  # noqa: E402
+from support import mnist_classifier as mc  # noqa: E402
 
 
 def tiny_clf(seed=0):
@@ -104,7 +104,7 @@ def test_saved_classifier_is_reused_not_retrained(tmp_path, capsys):
 
 def test_bad_inputs(tmp_path):
     clf = tiny_clf()
-    with pytest.raises(FileNotFoundError, match="python mnist_classifier.py"):
+    with pytest.raises(FileNotFoundError, match="python -m support.mnist_classifier"):
         mc.load_classifier(str(tmp_path / "missing.pt"))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="'model' and 'info'"):
@@ -124,6 +124,6 @@ def test_trained_classifier_reaches_97_percent_on_val(tmp_path):
     info = mc.main(["--out", str(tmp_path)])
     assert info["val_accuracy"] >= 0.97 and info["n_train"] == 4500 and info["n_val"] == 500
     clf = mc.load_classifier(str(tmp_path / "ckpt.pt"))
-    from data import load_mnist
+    from support.data import load_mnist
     xv, yv = load_mnist("val")
     assert mc.conditional_accuracy(clf, xv, yv)["accuracy"] == pytest.approx(info["val_accuracy"], abs=1e-9)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import pretrained as P  # noqa: E402
+from support import pretrained as P  # noqa: E402
 
 
 def tiny(family, **kw):
@@ -280,7 +280,7 @@ class Dictish(dict):
 
 def test_load_any_tokenizer_dispatches_repo_checkpoints(tmp_path):
     import tokenizer as tk
-    from common import save_checkpoint
+    from support.common import save_checkpoint
     cfg = tk.TokenizerConfig(in_channels=1, image_size=16, channels=(8, 16, 16), downsample=4,
                              num_res_blocks=1, code_dim=4, levels=2, codebook_size=32)
     model = tk.Tokenizer(cfg)

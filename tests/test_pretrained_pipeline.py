@@ -20,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import data  # noqa: E402
-import pretrained as P  # noqa: E402
-from common import read_jsonl  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support import data  # noqa: E402
+from support import pretrained as P  # noqa: E402
+from support.common import read_jsonl  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
 from test_pretrained import ibq_lightning, llamagen_ckpt, random_model, tiny  # noqa: E402
 from test_train import base_args, run_script, run_train  # noqa: E402
@@ -187,7 +187,8 @@ def test_imagenet_configs_and_their_commands_use_real_keys():
     docstrings names existing config files and only --keys of the script it runs."""
     import glob
     import re
-    keys = {s: script_keys(s) for s in ("train.py", "sample.py", "encode.py", "train_tokenizer.py")}
+    keys = {s: script_keys(s) for s in ("train.py", "sample.py")}
+    keys.update({f"-m support.{s}": script_keys(f"support/{s}.py") for s in ("encode", "train_tokenizer")})
     files = sorted(glob.glob(os.path.join(ROOT, "config", "imagenet_*.py")))
     assert len(files) == 5
     commands = 0
@@ -199,7 +200,7 @@ def test_imagenet_configs_and_their_commands_use_real_keys():
         assert set_keys <= keys[script], (path, set_keys - keys[script])
         doc = text.split('"""')[1].replace("\\\n", " ")
         for line in doc.splitlines():
-            m = re.search(r"\b(train|sample|encode|train_tokenizer)\.py\b", line)
+            m = re.search(r"\b(train|sample)\.py\b|-m support\.(encode|train_tokenizer)\b", line)
             if not m or "torchrun" not in line and "python" not in line:
                 continue
             commands += 1
@@ -221,7 +222,7 @@ def test_torchrun_encode_two_ranks_int8_flip(tmp_path):
     args = ["--dataset=folder", f"--data_root={imgs}", "--image_size=8", "--split=train",
             "--latents_dtype=int8", "--augment=flip", "--batch_size=3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(torchrun + [os.path.join(ROOT, "encode.py"), f"--ckpt={ckpt}",
+    p = subprocess.run(torchrun + ["-m", "support.encode", f"--ckpt={ckpt}",
                                    f"--encode_dir={tmp_path / 'enc2'}", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})

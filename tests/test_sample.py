@@ -18,10 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import data  # noqa: E402
-import fid  # noqa: E402
+from support import data  # noqa: E402
+from support import fid  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from common import read_jsonl, save_checkpoint  # noqa: E402
+from support.common import read_jsonl, save_checkpoint  # noqa: E402
 from helpers import NUM_CLASSES, make_encoded  # noqa: E402
 from test_train import base_args, run_script, run_train  # noqa: E402
 

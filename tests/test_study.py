@@ -16,11 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import data  # noqa: E402
-import mnist_classifier as mc  # noqa: E402
-import study  # noqa: E402
-from common import read_jsonl  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support import data  # noqa: E402
+from support import mnist_classifier as mc  # noqa: E402
+from support import study  # noqa: E402
+from support.common import read_jsonl  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 from helpers import make_tokenizer_ckpt  # noqa: E402
 from test_sample import FakeInception  # noqa: E402
 from tokenizer import Tokenizer, psnr  # noqa: E402

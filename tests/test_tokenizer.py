@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+from support import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from common import resolve_path  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support.common import resolve_path  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
 
 
@@ -357,11 +357,11 @@ def test_encode_cli_refuses_model_options(tmp_path):
     ckpt = str(tmp_path / "ckpt.pt")
     make_tokenizer_ckpt(ckpt)
     with pytest.raises(ValueError, match="--levels: encode.py takes the model from the tokenizer checkpoint"):
-        run_script("encode.py", f"--ckpt={ckpt}", "--levels=7")
+        run_script("support/encode.py", f"--ckpt={ckpt}", "--levels=7")
     with pytest.raises(ValueError, match="'batch_size': expected a value in \\[1, inf\\), got 0"):
-        run_script("encode.py", f"--ckpt={ckpt}", "--batch_size=0")
+        run_script("support/encode.py", f"--ckpt={ckpt}", "--batch_size=0")
     with pytest.raises(FileNotFoundError, match="not found"):
-        run_script("encode.py", f"--ckpt={tmp_path / 'nope.pt'}")
+        run_script("support/encode.py", f"--ckpt={tmp_path / 'nope.pt'}")
 
 
 # -----------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def tiny_run_args(root, out_dir, *extra):
 def test_train_tokenizer_bad_options(tmp_path, arg, msg):
     make_image_folder(tmp_path)
     with pytest.raises(ValueError, match=msg):
-        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "run", arg))
+        run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "run", arg))
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
@@ -399,21 +399,21 @@ def test_train_tokenizer_run_dir_safety(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt.pt.tmp.999999999").write_bytes(b"half a checkpoint")   # a writer killed mid-save
-    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
+    run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
     assert not (run / "ckpt.pt.tmp.999999999").exists()
     assert "removed" in capsys.readouterr().out
     before = (run / "ckpt.pt").read_bytes(), (run / "metrics.json").read_text()
     with pytest.raises(FileExistsError, match="already holds a run .*--init_from=resume"):
-        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
-    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--init_from=resume"))
+        run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3"))
+    run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--init_from=resume"))
     assert "nothing to do" in capsys.readouterr().out
     assert ((run / "ckpt.pt").read_bytes(), (run / "metrics.json").read_text()) == before
     for arg, key in (("--seed=1", "seed"), ("--batch_size=2", "batch_size"), ("--levels=3", "levels")):
         with pytest.raises(ValueError, match=f"incompatible .*'{key}'"):
-            run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6",
+            run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6",
                                                            "--init_from=resume", arg))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "none", "--init_from=resume"))
+        run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, tmp_path / "none", "--init_from=resume"))
 
 
 def test_train_tokenizer_resume_keeps_the_schedule(tmp_path, capsys):
@@ -421,15 +421,15 @@ def test_train_tokenizer_resume_keeps_the_schedule(tmp_path, capsys):
     it, with a note) unless --lr_decay_iters says otherwise (a warning)."""
     make_image_folder(tmp_path)
     run = tmp_path / "run"
-    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--min_lr=1e-4"))
+    run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=3", "--min_lr=1e-4"))
     assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 3
     capsys.readouterr()
-    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=5", "--min_lr=1e-4",
+    run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=5", "--min_lr=1e-4",
                                                    "--init_from=resume"))
     out = capsys.readouterr().out
     assert "ends at iter 3 (kept" in out and "iter 4 | " in out and "lr 1.0e-04" in out.split("iter 4 | ")[1]
     assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 3
-    run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6", "--lr_decay_iters=9",
+    run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--max_iters=6", "--lr_decay_iters=9",
                                                    "--init_from=resume"))
     assert "changes the run's cosine schedule (it was 3) at iter 5" in capsys.readouterr().out
     assert torch.load(run / "ckpt.pt", weights_only=True)["lr_decay_iters"] == 9
@@ -443,14 +443,14 @@ def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
     run.mkdir()
     os.replace(path, run / "ckpt.pt")
     with pytest.raises(ValueError, match=BAD_CKPT[kind]):
-        run_script("train_tokenizer.py", *tiny_run_args(tmp_path, run, "--init_from=resume", "--max_iters=6"))
+        run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--init_from=resume", "--max_iters=6"))
 
 
 @pytest.mark.slow  # three short training subprocesses: ~10 s on an idle 2-core machine
 def test_exact_resume(tmp_path):
     make_image_folder(tmp_path)
     run = lambda out, *a: subprocess.run(  # noqa: E731
-        [sys.executable, os.path.join(ROOT, "train_tokenizer.py"),
+        [sys.executable, "-m", "support.train_tokenizer",
          *tiny_run_args(tmp_path, out, "--random_flip=True", *a)], capture_output=True, text=True, cwd=ROOT)
     for a in ([tmp_path / "full", "--max_iters=6"], [tmp_path / "half", "--max_iters=3", "--lr_decay_iters=6"],
               [tmp_path / "half", "--max_iters=6", "--init_from=resume"]):
@@ -501,14 +501,14 @@ def test_torchrun_train_and_encode_two_ranks(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
-    p = subprocess.run(torchrun + [os.path.join(ROOT, "train_tokenizer.py"),
+    p = subprocess.run(torchrun + ["-m", "support.train_tokenizer",
                                    *tiny_run_args(tmp_path, run, "--max_iters=3", "--scan_images=True")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "scan val: 1 unreadable image(s) skipped, 12 left" in p.stdout
     ck = torch.load(run / "ckpt.pt", weights_only=True)
     assert ck["iter"] == 3 and ck["world_size"] == 2 and ck["metrics"]["images"] == 12
-    p = subprocess.run(torchrun + [os.path.join(ROOT, "encode.py"), f"--ckpt={run / 'ckpt.pt'}",
+    p = subprocess.run(torchrun + ["-m", "support.encode", f"--ckpt={run / 'ckpt.pt'}",
                                    "--split=val", f"--encode_dir={tmp_path / 'enc2'}", "--batch_size=5",
                                    "--scan_images=True"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

@@ -23,9 +23,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+from support import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
-from common import fingerprint, portable_path, read_jsonl, save_checkpoint  # noqa: E402
+from support.common import fingerprint, portable_path, read_jsonl, save_checkpoint  # noqa: E402
 from helpers import NUM_CLASSES, make_encoded  # noqa: E402
 
 TIMING = ("tok_per_s", "peak_mem_gb", "ms_per_iter", "ms_data", "ms_forward", "ms_loss", "ms_backward",

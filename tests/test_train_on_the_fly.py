@@ -21,11 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import data  # noqa: E402
-from common import epoch_flips  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support import data  # noqa: E402
+from support.common import epoch_flips  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 from helpers import class_images, make_image_folder, make_tokenizer_ckpt  # noqa: E402
-from pretrained import open_tokenizer  # noqa: E402
+from support.pretrained import open_tokenizer  # noqa: E402
 from test_train import assert_same_run, base_args, read_log, run_train, weights  # noqa: E402
 
 N_PER_CLASS = 8  # 2 classes: 16 train and 16 val images; batch 4 -> 4 batches per epoch

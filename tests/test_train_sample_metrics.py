@@ -15,10 +15,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import mnist_classifier as mc  # noqa: E402
-from common import read_jsonl  # noqa: E402
-from encode import encode_split  # noqa: E402
+from support import data  # noqa: E402
+from support import mnist_classifier as mc  # noqa: E402
+from support.common import read_jsonl  # noqa: E402
+from support.encode import encode_split  # noqa: E402
 from helpers import NUM_CLASSES, class_images, make_encoded, make_tokenizer_ckpt  # noqa: E402
 from test_train import base_args, run_train  # noqa: E402
 
@@ -110,7 +110,7 @@ def test_classifier_needs_32x32_digits(enc, enc32, tmp_path, capsys, fake_mnist)
     clf_path = classifier(str(tmp_path / "clf.pt"))
     with pytest.raises(ValueError, match=r"scores \(1, 32, 32\) images .* decodes \(1, 8, 8\) images"):
         run_train(base_args(enc, str(tmp_path / "o"), max_iters=0, eval_classifier=clf_path))
-    with pytest.raises(FileNotFoundError, match="python mnist_classifier.py"):
+    with pytest.raises(FileNotFoundError, match="python -m support.mnist_classifier"):
         run_train(base_args(enc32, str(tmp_path / "p"), max_iters=0, eval_classifier=str(tmp_path / "none.pt")))
     capsys.readouterr()
     run_train(base_args(enc, str(tmp_path / "q"), max_iters=0, eval_samples=50))

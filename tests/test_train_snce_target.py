@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tokenizer as tk  # noqa: E402
-from common import read_jsonl, save_checkpoint  # noqa: E402
+from support.common import read_jsonl, save_checkpoint  # noqa: E402
 from helpers import make_encoded  # noqa: E402
 from test_train import assert_same_run, base_args, run_train, weights  # noqa: E402
 

@@ -2,10 +2,10 @@
 Benchmark of the SNCE losses in snce.py against the peers a user would pick instead: forward +
 backward median time, ratios measured side by side in one run, peak extra memory, max error.
 
-    python bench_snce.py                     # CPU fp32: N=4096 H=256 K=65536 and N=2048 H=128
+    python -m support.bench_snce                     # CPU fp32: N=4096 H=256 K=65536 and N=2048 H=128
                                              # K=16384 (D=8), every metric, median of 3
-    python bench_snce.py --sizes=2048x128x16384x8 --metrics=l2 --reps=5
-    python bench_snce.py --device=cuda --dtype=bf16 --sizes=16384x1024x131072x8   # GPU target
+    python -m support.bench_snce --sizes=2048x128x16384x8 --metrics=l2 --reps=5
+    python -m support.bench_snce --device=cuda --dtype=bf16 --sizes=16384x1024x131072x8   # GPU target
 
 Rows (each timed as loss + backward to the hidden states and the head weight):
     (1)  F.linear + F.cross_entropy on the hard codes (materialises the (N, K) logits)

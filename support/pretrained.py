@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import load_checkpoint
+from support.common import load_checkpoint
 from snce import nearest_code
 from tokenizer import TokenizerInterface
 
@@ -669,7 +669,7 @@ def bench(names, batch, image_size, reps, rows, K, D, perplexities, formats, gpu
 
 
 if __name__ == "__main__":
-    from common import configure
+    from support.common import configure
     names = ("ibq-16384", "llamagen-vq16")   # PRETRAINED sizes to time
     batch = 4                      # images per encode call
     image_size = 256

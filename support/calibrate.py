@@ -10,7 +10,7 @@ sample of training latents, by bisection on log tau, so that the MEAN perplexity
 sample equals the target (the mean perplexity grows monotonically with tau: the entropy of a
 Gibbs distribution grows with its temperature).
 
-    from calibrate import q_stats, calibrate_tau
+    from support.calibrate import q_stats, calibrate_tau
     q_stats(latents, codebook, tau=0.01, metric="l2")
         # {"perplexity_mean": .., "perplexity_median": .., "top1_mass_mean": ..}
     tau, stats = calibrate_tau(latents, codebook, perplexity=16.0, metric="l2")

@@ -9,10 +9,10 @@ SNCE at a target perplexity, and label smoothing, the same model / data order / 
 NLL, conditional accuracy and Frechet LeNet distance of class-balanced samples scored by
 mnist_classifier.py); the Inception FID of the final checkpoint comes from sample.py.
 
-    python study.py                                   # everything not done yet, then the report
-    python study.py --only classifier tokenizers      # a chosen piece (stages below)
-    python study.py --only runs --runs 'k16384/*'     # the runs whose name matches (fnmatch)
-    python study.py --report_only                     # results.md + assets/study_*.png from disk
+    python -m support.study                                   # everything not done yet, then the report
+    python -m support.study --only classifier tokenizers      # a chosen piece (stages below)
+    python -m support.study --only runs --runs 'k16384/*'     # the runs whose name matches (fnmatch)
+    python -m support.study --report_only                     # results.md + assets/study_*.png from disk
 
 Stages, each skipped when done; an interrupted one continues where it was (train.py and
 train_tokenizer.py resume from their last eval checkpoint, encode.py and sample.py start over):
@@ -59,9 +59,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import atomic_write_text, read_json, read_jsonl, save_figure, write_json
+from support.common import atomic_write_text, read_json, read_jsonl, save_figure, write_json
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_CONFIG = os.path.join("config", "study", "tokenizer.py")
 TRAIN_CONFIG = os.path.join("config", "study", "train.py")
 PREMISE_KS = (1, 2, 4, 16, 256)
@@ -228,11 +228,11 @@ def tokenizer_stage(out, K, threads):
     done = read_json(metrics, "tokenizer metrics").get("iter", 0) if os.path.isfile(metrics) else 0
     if done < runpy.run_path(TOKENIZER_CONFIG)["max_iters"]:
         resume = "resume" if os.path.isfile(os.path.join(tok, "ckpt.pt")) else "scratch"
-        sh(["train_tokenizer.py", TOKENIZER_CONFIG, f"--codebook_size={K}", f"--out_dir={tok}",
+        sh(["-m", "support.train_tokenizer", TOKENIZER_CONFIG, f"--codebook_size={K}", f"--out_dir={tok}",
             f"--init_from={resume}"], log, threads)
     for split in ("train", "val"):  # encode.py: a no-op when already encoded with these weights, an
         # error when encoded with other ones (e.g. by hand from an unfinished tokenizer)
-        sh(["encode.py", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
+        sh(["-m", "support.encode", f"--ckpt={os.path.join(tok, 'ckpt.pt')}", f"--split={split}"], log, threads)
     return tok
 
 
@@ -292,10 +292,10 @@ def premise(tok_dir, classifier, n_show=10, seed=0):
     K) or a uniformly random one: PSNR against the digit and classifier accuracy per variant.
     -> ({variant: {"psnr", "accuracy"}}, images {variant: (n_show, 1, 32, 32)}, real (n_show, ...))."""
     import torch
-    import data
-    from common import resolve_path
-    from mnist_classifier import conditional_accuracy, load_classifier
-    from pretrained import load_any_tokenizer
+    from support import data
+    from support.common import resolve_path
+    from support.mnist_classifier import conditional_accuracy, load_classifier
+    from support.pretrained import load_any_tokenizer
     from tokenizer import psnr
 
     enc = os.path.join(tok_dir, "encoded_val")
@@ -453,7 +453,7 @@ def compute_seconds(out):
 def report(a, jobs):
     res, long = collect(a, jobs)
     if not res:
-        raise SystemExit(f"no finished runs under {a.out}: run `python study.py` first")
+        raise SystemExit(f"no finished runs under {a.out}: run `python -m support.study` first")
     how = ", ".join(f"{k} {v:g}" for k, v in sampling().items())
     parts = [f"# SNCE vs CE across codebook sizes\n\n{a.iters} steps per run; every {a.iters // a.evals} steps "
              f"(and the NLL at step 0) the held-out NLL and {a.eval_samples} class-balanced samples ({how}) "
@@ -704,7 +704,7 @@ def compute(a):
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     t0 = time.time()
     if "classifier" in a.only and not os.path.isfile(a.classifier):
-        sh(["mnist_classifier.py", "--out", os.path.dirname(a.classifier)], os.path.join(a.out, "classifier.log"),
+        sh(["-m", "support.mnist_classifier", "--out", os.path.dirname(a.classifier)], os.path.join(a.out, "classifier.log"),
            os.cpu_count() or 1)
     if "tokenizers" in a.only:
         with ThreadPoolExecutor(a.workers) as pool:
