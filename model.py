@@ -16,7 +16,8 @@ Class conditioning uses a learned null class (id `num_classes`) for classifier-f
 in training, labels are replaced by the null class with probability `class_dropout`; at sampling,
 cond and uncond rows go through one batched forward and logits = u + cfg_scale * (c - u).
 
-The output head is exposed so train.py can use the fused loss without (tokens x K) logits:
+The loss (SNCE, Eq. 8; CE when q is one-hot) is fused with the output head, so train.py never
+holds (B, T, K) logits: it takes the hidden states and the head's weight,
 
     hidden = model.forward_hidden(codes, labels, mask)                     # (B, T, n_embd)
     loss = fused_linear_snce(hidden, model.head.weight, latents, codebook, tau,
@@ -41,20 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Named sizes (DiT's DiT_models idea). IBQ-B matches the paper's ImageNet AR generator
-# (24 layers, 1024 wide, 16 heads: ~300M in the blocks before the K-way head grows).
-MODELS = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64),  # tests, seconds on a CPU
-    "mini": dict(n_layer=4, n_head=4, n_embd=128),  # CPU MNIST runs
-    "S": dict(n_layer=12, n_head=6, n_embd=384),
-    "B": dict(n_layer=12, n_head=12, n_embd=768),
-    "IBQ-B": dict(n_layer=24, n_head=16, n_embd=1024),
-}
+from support.model_checks import checked_labels, flat_codes, flat_mask
+from support.sampling import cfg_combine, gumbel_noise, sample_logits
 
 MODES = ("ar", "maskgit")
-# MaskGIT sampling computes logits for this many masked positions at a time: (rows, K) instead
-# of all (B, T, K) at once (B = 250, T = 256, K = 131,072 would be 34 GB of fp32 logits)
-SAMPLE_ROWS = 4096
 MASK_SCHEDULES = ("cosine", "arccos")
 
 
@@ -101,33 +92,18 @@ class GPTConfig:
         return self.grid_h * self.grid_w * self.levels
 
 
+# Named sizes (DiT's DiT_models idea). IBQ-B matches the paper's ImageNet AR generator
+# (24 layers, 1024 wide, 16 heads: ~300M in the blocks before the K-way head grows).
+MODELS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64),  # tests
+    "mini": dict(n_layer=4, n_head=4, n_embd=128),  # CPU MNIST runs
+    "S": dict(n_layer=12, n_head=6, n_embd=384),
+    "B": dict(n_layer=12, n_head=12, n_embd=768),
+    "IBQ-B": dict(n_layer=24, n_head=16, n_embd=1024),
+}
+
 # -----------------------------------------------------------------------------
 # small modules
-
-
-class KVCache:
-    """Keys/values of the slots seen so far, for AR sampling (one slot per model call). Buffers
-    are allocated on first write, in the dtype the layers produce (so autocast just works):
-    (B, n_head, max_len, hd)."""
-
-    def __init__(self, n_layer, max_len):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.max_len = max_len
-        self.pos = 0  # slots already stored; the model advances it after all layers ran
-
-    def update(self, layer, k, v):
-        """Store (B, nh, n, hd) k/v at [pos, pos + n); return all keys/values up to pos + n."""
-        p, n = self.pos, k.size(2)
-        if p + n > self.max_len:
-            raise ValueError(f"KVCache: {p + n} slots exceed max_len={self.max_len}")
-        if self.k[layer] is None:
-            B, nh, _, hd = k.shape
-            self.k[layer] = k.new_zeros(B, nh, self.max_len, hd)
-            self.v[layer] = v.new_zeros(B, nh, self.max_len, hd)
-        self.k[layer][:, :, p : p + n] = k
-        self.v[layer][:, :, p : p + n] = v
-        return self.k[layer][:, :, : p + n], self.v[layer][:, :, : p + n]
 
 
 class Attention(nn.Module):
@@ -143,13 +119,16 @@ class Attention(nn.Module):
     def forward(self, x, cache=None):
         B, n, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        is_causal = self.causal
-        if cache is not None:  # AR sampling, one slot at a time: it sees every cached key
-            k, v = cache.update(self.layer_idx, k, v)
-            is_causal = False
+        q, k, v = (t.view(B, n, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, n, hd)
+        is_causal, mask = self.causal, None
+        if cache is not None:  # AR sampling: the n new slots come after the p = cache.pos cached ones
+            p = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, p + n, hd)
+            is_causal = False  # one new slot sees every key; is_causal would align a block top-left
+            if n > 1:  # new slot p + i sees keys [0, p + i]: the causal mask shifted by p
+                mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, n, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -181,73 +160,39 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class KVCache:
+    """Keys/values of the slots seen so far, for AR sampling. A call may bring any number n of
+    new slots: they attend causally, to the cached ones and to each other (Attention.forward).
+    Buffers (B, n_head, max_len, hd) are allocated on first write, in the dtype the layers
+    produce (so autocast just works)."""
+
+    def __init__(self, n_layer, max_len):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.max_len = max_len
+        self.pos = 0  # slots already stored; the model advances it after all layers ran
+
+    def update(self, layer, k, v):
+        """Store (B, nh, n, hd) k/v at [pos, pos + n); return all keys/values up to pos + n."""
+        p, n = self.pos, k.size(2)
+        if p + n > self.max_len:
+            raise ValueError(f"KVCache: {p + n} slots exceed max_len={self.max_len}")
+        if self.k[layer] is None:
+            B, nh, _, hd = k.shape
+            self.k[layer] = k.new_zeros(B, nh, self.max_len, hd)
+            self.v[layer] = v.new_zeros(B, nh, self.max_len, hd)
+        self.k[layer][:, :, p : p + n] = k
+        self.v[layer][:, :, p : p + n] = v
+        return self.k[layer][:, :, : p + n], self.v[layer][:, :, : p + n]
+
+
 # -----------------------------------------------------------------------------
-# sampling helpers (module level so tests can check them against naive references)
-
-
-def top_k_top_p_filter(logits, top_k=None, top_p=None):
-    """Set logits outside the top-k and outside the top-p nucleus to -inf. (..., K) -> (..., K).
-
-    top_k: keep the k largest (ties with the k-th value are kept too).
-    top_p: keep the smallest set of largest-probability tokens whose total mass reaches top_p
-    (the most likely token is always kept). Both may be given: top-k applies first.
-    """
-    if top_k is not None:
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k: expected a positive int or None, got {top_k!r}")
-        if top_k < logits.size(-1):
-            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p: expected a float in (0, 1] or None, got {top_p!r}")
-        if top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the mass strictly before it already reaches top_p
-            drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Draw one token per row of (..., K) logits; temperature 0 means argmax. -> (...) long."""
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    K = logits.size(-1)
-    if top_k is not None and top_p is None and isinstance(top_k, int) and 1 <= top_k < K:
-        # the same distribution drawn from the k survivors only: softmax and multinomial over
-        # (..., k) instead of (..., K) (at K = 16,384, k = 10 this made AR sampling ~2.5x faster
-        # on the CPU). Only when nothing ties with the k-th value, which the filter would keep.
-        vals, idx = torch.topk(logits, top_k, dim=-1)                       # (..., k)
-        if bool(((logits >= vals[..., -1:]).sum(-1) == top_k).all()):
-            pick = torch.multinomial(vals.softmax(-1).reshape(-1, top_k), 1, generator=generator)
-            return idx.reshape(-1, top_k).gather(1, pick).view(logits.shape[:-1])
-    logits = top_k_top_p_filter(logits, top_k, top_p)
-    probs = logits.softmax(-1).reshape(-1, K)
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-
-
-def cfg_combine(logits, cfg_scale):
-    """(2B, ..., K) logits, cond rows first then uncond -> (B, ..., K) = u + s * (c - u). Also
-    for the head's (2B, ..., C) inputs: the head is linear, so guiding them guides the logits."""
-    cond, uncond = logits.chunk(2, dim=0)
-    return uncond + cfg_scale * (cond - uncond)
-
-
-def gumbel_noise(shape, generator=None, device=None):
-    """Standard Gumbel(0, 1) samples, -log(-log U); drawn on the generator's device."""
-    gdev = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=gdev).to(device)
-    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+# the model
 
 
 def mask_fraction(r, schedule="cosine"):
-    """MaskGIT schedule gamma: r in [0, 1] -> fraction masked, gamma(0) = 1, gamma(1) = 0."""
+    """MaskGIT schedule gamma: r in [0, 1] -> fraction masked, gamma(0) = 1, gamma(1) = 0.
+    Training masks (GPT.sample_mask) and the sampler's unmasking both follow it."""
     if schedule == "cosine":
         return torch.cos(r * (math.pi / 2))
     if schedule == "arccos":
@@ -255,8 +200,9 @@ def mask_fraction(r, schedule="cosine"):
     raise ValueError(f"mask schedule: expected one of {MASK_SCHEDULES}, got {schedule!r}")
 
 
-# -----------------------------------------------------------------------------
-# the model
+# MaskGIT sampling computes logits for this many masked positions at a time: (rows, K) instead
+# of all (B, T, K) at once (B = 250, T = 256, K = 131,072 would be 34 GB of fp32 logits)
+SAMPLE_ROWS = 4096
 
 
 class GPT(nn.Module):
@@ -292,8 +238,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    # ---- bookkeeping -------------------------------------------------------
-
     def num_params(self, non_embedding=True):
         """Parameter count; non_embedding drops the lookup tables (they cost no FLOPs).
         The head is always counted: with K = 131k it is a large part of the model."""
@@ -322,52 +266,6 @@ class GPT(nn.Module):
         ]
         fused = dict(fused=True) if device_type == "cuda" else {}  # CPU keeps torch's default
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
-
-    # ---- input checks (cheap: one min/max per call; skipped while torch.compile traces) ----
-
-    def _flat_codes(self, codes):
-        cfg = self.config
-        T, shape4 = cfg.seq_len, (cfg.grid_h, cfg.grid_w, cfg.levels)
-        if not torch.is_tensor(codes) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"codes: expected an integer tensor, got "
-                             f"{codes.dtype if torch.is_tensor(codes) else type(codes).__name__}")
-        codes = codes.long()  # memmaps hold uint16 / int32; min/max and Embedding want int64
-        if codes.dim() == 4 and tuple(codes.shape[1:]) == shape4:
-            codes = codes.reshape(codes.size(0), T)  # (B, h, w, L) -> (B, T), position-major
-        if codes.dim() != 2 or codes.size(1) != T:
-            raise ValueError(f"codes: expected shape (B, {T}) or (B, {', '.join(map(str, shape4))}) "
-                             f"(T = h*w*L), got {tuple(codes.shape)}")
-        if not torch.compiler.is_compiling() and codes.numel():
-            lo, hi = codes.min().item(), codes.max().item()
-            if lo < 0 or hi >= cfg.vocab_size:
-                raise ValueError(f"codes: expected values in [0, {cfg.vocab_size}), "
-                                 f"got min {lo} max {hi}")
-        return codes
-
-    def _check_labels(self, labels, B, device):
-        nc = self.config.num_classes
-        if labels is None:  # unconditional: every row gets the null class
-            return torch.full((B,), self.null_class, dtype=torch.long, device=device)
-        if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected an integer tensor of shape ({B},) or None, got "
-                             f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}")
-        if tuple(labels.shape) != (B,):
-            raise ValueError(f"labels: expected shape ({B},), got {tuple(labels.shape)}")
-        if not torch.compiler.is_compiling() and B:
-            lo, hi = labels.min().item(), labels.max().item()
-            if lo < 0 or hi >= nc:
-                raise ValueError(f"labels: expected class ids in [0, {nc}) (None = unconditional), "
-                                 f"got min {lo} max {hi}")
-        return labels.long()
-
-    def _flat_mask(self, mask, B):
-        T = self.config.seq_len
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask: expected a bool tensor (True = masked), got {mask.dtype}")
-        if mask.numel() != B * T or mask.size(0) != B:
-            raise ValueError(f"mask: expected shape ({B}, {T}) or the codes' shape, "
-                             f"got {tuple(mask.shape)}")
-        return mask.reshape(B, T)
 
     # ---- forward -----------------------------------------------------------
 
@@ -398,17 +296,17 @@ class GPT(nn.Module):
         codes: (B, T) or (B, h, w, L) ints in [0, K); labels: (B,) class ids in
         [0, num_classes), or None for unconditional. In training mode labels are replaced by
         the null class with probability class_dropout (CFG). mask (maskgit only): (B, T) bool,
-        True = replaced by the [MASK] token (and the positions the loss should count).
+        True = replaced by the [MASK] token, and the positions the loss counts (Eq. 3 / 15).
         ar: hidden[:, t] predicts codes[:, t] from the class and codes[:, :t].
         """
-        codes = self._flat_codes(codes)
+        codes = flat_codes(codes, self.config)
         B = codes.size(0)
-        labels = self._check_labels(labels, B, codes.device)
+        labels = checked_labels(labels, B, self.config, codes.device)
         if mask is not None:
             if self.config.mode == "ar":
                 raise ValueError("mask: expected None in 'ar' mode (every position counts); "
                                  "the mask is for 'maskgit'")
-            mask = self._flat_mask(mask, B)
+            mask = flat_mask(mask, B, self.config)
         if self.training and self.config.class_dropout > 0:
             drop = torch.rand(B, device=codes.device) < self.config.class_dropout
             labels = labels.masked_fill(drop, self.null_class)
@@ -416,9 +314,10 @@ class GPT(nn.Module):
 
     def forward(self, codes, labels=None, mask=None, return_hidden=False):
         """Logits (B, T, K) = head(forward_hidden(...)), for tests and small K; with
-        return_hidden=True the (B, T, n_embd) hidden states instead. Under DDP call
-        ddp_model(codes, labels, mask, return_hidden=True) rather than .module.forward_hidden:
-        DDP prepares its gradient all-reduce only when its own forward runs."""
+        return_hidden=True the (B, T, n_embd) hidden states instead, which the fused SNCE loss
+        (Eq. 8) takes with model.head. Under DDP call ddp_model(codes, labels, mask,
+        return_hidden=True) rather than .module.forward_hidden: DDP prepares its gradient
+        all-reduce only when its own forward runs."""
         hidden = self.forward_hidden(codes, labels, mask)
         return hidden if return_hidden else self.head(hidden)
 
@@ -436,17 +335,6 @@ class GPT(nn.Module):
         return (rank < n[:, None]).to(device)
 
     # ---- sampling ----------------------------------------------------------
-
-    def _ar_step(self, prev, labels, cache):
-        """One AR slot through the KV cache: slot cache.pos holds the class (pos 0) or prev,
-        the token sampled at the last slot. -> final-normed hidden (B, C)."""
-        t = cache.pos
-        x = self.cls_emb(labels) if t == 0 else self.tok_emb(prev)
-        x = (x + self._slot_emb(t, 1))[:, None]  # (B, 1, C)
-        for block in self.blocks:
-            x = block(x, cache)
-        cache.pos += 1
-        return self.ln_f(x)[:, 0]
 
     @torch.no_grad()
     def generate(self, labels=None, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None,
@@ -473,7 +361,7 @@ class GPT(nn.Module):
                                  f"got {tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}")
             B = labels.size(0)
             labels = labels.to(device)
-        labels = self._check_labels(labels, B, device)
+        labels = checked_labels(labels, B, self.config, device)
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator: expected one on the model's device ({device.type}), "
                              f"got {generator.device.type} (torch.multinomial needs them equal)")
@@ -497,15 +385,31 @@ class GPT(nn.Module):
         guides the logits, with one (B, ..., K) logits block instead of two."""
         return cfg_combine(hidden, cfg_scale) if cfg_scale != 1.0 else hidden
 
+    def _ar_step(self, labels, tokens, cache):
+        """The next n slots through the KV cache -> final-normed hidden (B, n, C); slot t predicts
+        token t and holds token t - 1 (slot 0: the class). So for p = cache.pos > 0, tokens (B, n)
+        are tokens [p - 1, p - 1 + n); at p = 0, the n - 1 after the class (None: the class alone)."""
+        p = cache.pos
+        x = None if tokens is None else self.tok_emb(tokens)
+        if p == 0:
+            cls = self.cls_emb(labels)[:, None]  # (B, 1, C)
+            x = cls if x is None else torch.cat([cls, x], dim=1)
+        x = x + self._slot_emb(p, x.size(1))  # (B, n, C)
+        for block in self.blocks:
+            x = block(x, cache)
+        cache.pos += x.size(1)
+        return self.ln_f(x)
+
     def _generate_ar(self, labels, B, cfg_scale, temperature, top_k, top_p, generator):
         T = self.config.seq_len
         cache = KVCache(self.config.n_layer, T)
         codes = torch.zeros(B, T, dtype=torch.long, device=labels.device)
-        prev = None
+        reps = labels.size(0) // B
         for t in range(T):
-            logits = self.head(self._guided(self._ar_step(prev, labels, cache), cfg_scale))  # (B, K)
+            prev = codes[:, t - 1 : t].repeat(reps, 1) if t else None  # both cfg halves: the same token
+            hidden = self._ar_step(labels, prev, cache)[:, -1]           # (reps B, C)
+            logits = self.head(self._guided(hidden, cfg_scale))         # (B, K)
             codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
-            prev = codes[:, t].repeat(labels.size(0) // B)  # feed both cfg halves the same token
         return codes
 
     def _generate_maskgit(self, labels, B, cfg_scale, temperature, top_k, top_p, steps, generator,
@@ -530,17 +434,17 @@ class GPT(nn.Module):
                 picks.append(tok)
             sampled = codes.masked_scatter(masked, torch.cat(picks))
             logp = torch.zeros(B, T, device=device).masked_scatter(masked, torch.cat(logps))
+            # masked after this step: floor(gamma((s + 1) / steps) * T), at least one fewer, none at the end
             ratio = (s + 1) / steps
             n_cur = int(masked[0].sum())  # the same in every row
-            n_next = int(math.floor(T * mask_fraction(torch.tensor(ratio, dtype=torch.float64), cfg.mask_schedule).item()))
+            gamma = mask_fraction(torch.tensor(ratio, dtype=torch.float64), cfg.mask_schedule).item()
+            n_next = int(math.floor(T * gamma))
             n_next = 0 if s == steps - 1 else max(0, min(n_next, n_cur - 1))
-            if n_next > 0:
+            remask = torch.zeros_like(masked)
+            if n_next > 0:  # re-mask the n_next least confident of the newly drawn tokens
                 gumbel = gumbel_noise((B, T), generator, device)
                 conf = logp + gumbel_temperature * (1 - ratio) * gumbel
                 conf = conf.masked_fill(~masked, float("inf"))  # known tokens stay known
-                remask = torch.zeros_like(masked)
                 remask.scatter_(1, torch.topk(conf, n_next, dim=1, largest=False).indices, True)
-            else:
-                remask = torch.zeros_like(masked)
             codes, masked = sampled, remask
         return codes

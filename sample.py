@@ -1,6 +1,6 @@
 """
 Sample a trained generator (train.py) and decode with its tokenizer: a class-conditional grid
-PNG, an ADM-format .npz of N samples, and FID against the real dataset (fid.py).
+PNG, an ADM-format .npz of N samples, and FID against the real dataset (support/fid.py).
 
     python sample.py config/sample_mnist.py                                  # grid only
     python sample.py config/sample_mnist.py --num_samples=1000 --fid_weights=$W
@@ -10,18 +10,18 @@ PNG, an ADM-format .npz of N samples, and FID against the real dataset (fid.py).
     # multi-node: torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
     #   --nproc_per_node=8 sample.py ... (the same arguments)
 
-W is a local Inception TorchScript (fid.py says which two kinds work and where to get them).
+W is a local Inception TorchScript (support/fid.py says which two kinds work and where to get them).
 The npz (uint8 N x H x W x 3 under arr_0, class labels under arr_1; 1-channel MNIST repeated to
 3 channels) is what ADM's evaluator reads; it is written atomically, and an existing .npz of
 the same name (same directory, count and sampling settings) is never replaced unless
 --overwrite=True: sample.py refuses before sampling (use another --out_dir, or move the old
 file, to keep both). The grid PNG is replaced (also atomically). Ranks generate disjoint
-slices of one memmap (common.shard_range), labels are class-balanced (i % num_classes). FIDs are
-appended to {out_dir}/fid.jsonl.
+slices of one memmap (support.common.shard_range), labels are class-balanced (i % num_classes).
+FIDs are appended to {out_dir}/fid.jsonl.
 
 The tokenizer is the one the generator was trained with (this repo's or a pretrained IBQ /
-Emu3.5 / LlamaGen file, pretrained.py): found through the path train.py stored relative to the
-run directory, and checked by the content fingerprint stored in the checkpoint (a tokenizer with
+Emu3.5 / LlamaGen file, support/pretrained.py): found through the path train.py stored relative
+to the run directory, and checked by the content fingerprint stored in the checkpoint (a tokenizer with
 other weights decodes the codes into other images, so it is refused).
 """
 
@@ -29,7 +29,12 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
+from model import GPT, GPTConfig
+from support import fid
+from support.checks import check_tokenizer_fits
 from support.common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
@@ -44,7 +49,7 @@ use_ema = True               # the EMA weights when the checkpoint has them
 classes = ()                 # grid classes; () = the first min(10, num_classes)
 per_class = 8                # grid columns
 cfg_scale = 2.0              # classifier-free guidance; 1 = off, 0 = unconditional
-temperature = 1.0
+temperature = 1.0            # softmax temperature; 0 = greedy
 top_k = 0                    # 0 = off
 top_p = 1.0                  # 1 = off
 steps = 8                    # maskgit decoding steps (ignored for ar)
@@ -53,23 +58,38 @@ overwrite = False            # replace an existing .npz of the same name (else: 
 batch_size = 64              # per rank
 fid_weights = ""             # Inception TorchScript for FID (needs num_samples > 0); "" = no FID
 fid_split = "val"            # real split for the reference statistics
-fid_cache_dir = "out/fid_refs"
+fid_cache_dir = "out/fid_refs"  # the real split's reference statistics are cached here
 data_root = ""               # folder datasets: default from the encoding's meta.json
-seed = 0
-device = "cpu"
+seed = 0                     # the grid uses seed, rank r's npz samples seed + 1 + r
+device = "cpu"               # cpu | cuda
 dtype = "bfloat16"           # autocast dtype on CUDA
+config = configure(globals())
 # -----------------------------------------------------------------------------
 
+# ---- config checks: bad values are errors ----
+for key, lo, lo_open in (("cfg_scale", 0, False), ("num_samples", 0, False), ("batch_size", 1, False),
+                         ("per_class", 1, False), ("temperature", 0, True), ("top_k", 0, False),
+                         ("top_p", 0, True), ("steps", 1, False)):
+    check_range(config, key, lo, 1 if key == "top_p" else None, lo_open)
+if fid_weights and num_samples == 0:
+    raise ValueError("fid_weights needs num_samples > 0 (e.g. --num_samples=50000)")
 
-def check_config(config):
-    for key, lo, lo_open in (("cfg_scale", 0, False), ("num_samples", 0, False), ("batch_size", 1, False),
-                             ("per_class", 1, False), ("temperature", 0, True), ("top_k", 0, False),
-                             ("top_p", 0, True), ("steps", 1, False)):
-        check_range(config, key, lo, 1 if key == "top_p" else None, lo_open)
-    if fid_weights and num_samples == 0:
-        raise ValueError("fid_weights needs num_samples > 0 (e.g. --num_samples=50000)")
+# ---- the generator (EMA weights by default) ----
+ddp, rank, _, world_size, dev = init_distributed(device)
+master = rank == 0
+_, _, autocast = setup_device(dev, dtype)
+ck = load_checkpoint(ckpt, map_location=dev, what="generator checkpoint")
+if "model_args" not in ck or "meta" not in ck or "tokenizer_ckpt" not in ck:
+    raise ValueError(f"{ckpt} is not a train.py checkpoint (no model_args / meta / tokenizer_ckpt)")
+model = GPT(GPTConfig(**ck["model_args"])).to(dev).eval()
+weights = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
+model.load_state_dict(weights)
+maskgit = model.config.mode == "maskgit"
+if not maskgit:
+    warn_ignored(config, _explicit, ("steps",), "an ar generator decodes one token at a time")  # noqa: F821
 
 
+# ---- its tokenizer, to decode the codes into images ----
 def load_tokenizer(ck, dev, verbose=True):
     """The generator's tokenizer (this repo's or a pretrained file: pretrained.load_any_tokenizer),
     refused unless it is the one it was trained with."""
@@ -77,18 +97,26 @@ def load_tokenizer(ck, dev, verbose=True):
     path = tokenizer_ckpt or resolve_path(ck["tokenizer_ckpt"], os.path.dirname(os.path.abspath(ckpt)),
                                           f"tokenizer checkpoint named in {ckpt}")
     tok = load_any_tokenizer(path, dev, ck["meta"].get("image_size"), verbose)
-    a, c = ck["model_args"], tok.config
-    if (c.codebook_size, c.levels, tok.grid, tok.grid) != (a["vocab_size"], a["levels"], a["grid_h"], a["grid_w"]):
-        raise ValueError(f"tokenizer {path} (K={c.codebook_size} L={c.levels} grid {tok.grid}) does not fit "
-                         f"the generator {ckpt} (K={a['vocab_size']} L={a['levels']} grid {a['grid_h']}x{a['grid_w']})")
-    want = ck.get("tokenizer_fingerprint") or ck["meta"].get("tokenizer_fingerprint")
-    if want is None:
-        print(f"warning: {ckpt} predates tokenizer fingerprints: only K / L / grid of {path} were checked")
-    elif (fp := tok.fingerprint()) != want:
-        raise ValueError(f"tokenizer {path} is not the one {ckpt} was trained with (fingerprint "
-                         f"{fp}, expected {want}): pass --tokenizer_ckpt= "
-                         "the tokenizer that encoded the generator's training data")
+    a = ck["model_args"]
+    want = {"K": a["vocab_size"], "L": a["levels"], "grid": (a["grid_h"], a["grid_w"])}
+    check_tokenizer_fits(tok, path, "trained", ckpt, want,
+                         ck.get("tokenizer_fingerprint") or ck["meta"].get("tokenizer_fingerprint"),
+                         "pass --tokenizer_ckpt= the tokenizer that encoded the generator's training data")
     return tok
+
+
+tok = load_tokenizer(ck, dev, verbose=master)
+
+# ---- where the outputs go: names carry the sampling settings ----
+meta, nc = ck["meta"], model.config.num_classes
+out = out_dir or os.path.dirname(os.path.abspath(ckpt))
+tag = f"cfg{cfg_scale:g}_t{temperature:g}_k{top_k}_p{top_p:g}" + (
+    f"_s{steps}" if maskgit else "") + f"_{'ema' if weights is ck.get('ema') else 'raw'}"
+kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k or None,
+          top_p=top_p if top_p < 1 else None, steps=steps if maskgit else None)
+if any(not 0 <= c < nc for c in classes):
+    raise ValueError(f"classes: expected ids in [0, {nc}), got {classes}")
+npz = os.path.join(out, f"samples_{num_samples}_{tag}.npz")
 
 
 def check_npz_free(npz):
@@ -100,52 +128,28 @@ def check_npz_free(npz):
             "--out_dir=<another directory> (or move the file away) to keep it")
 
 
-def main():
-    import torch.distributed as dist
-    from tqdm import tqdm
+if num_samples:
+    check_npz_free(npz)  # every rank: all of them stop, none waits at a barrier
+else:
+    warn_ignored(config, _explicit, ("overwrite",), "num_samples=0 writes no .npz")  # noqa: F821
 
-    from support import fid
-    from model import GPT, GPTConfig
 
-    ddp, rank, _, world_size, dev = init_distributed(device)
-    master = rank == 0
-    _, _, autocast = setup_device(dev, dtype)
-    ck = load_checkpoint(ckpt, map_location=dev, what="generator checkpoint")
-    if "model_args" not in ck or "meta" not in ck or "tokenizer_ckpt" not in ck:
-        raise ValueError(f"{ckpt} is not a train.py checkpoint (no model_args / meta / tokenizer_ckpt)")
-    model = GPT(GPTConfig(**ck["model_args"])).to(dev).eval()
-    weights = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
-    model.load_state_dict(weights)
-    maskgit = model.config.mode == "maskgit"
-    if not maskgit:
-        warn_ignored(config, _explicit, ("steps",), "an ar generator decodes one token at a time")  # noqa: F821
-    tok = load_tokenizer(ck, dev, verbose=master)
-    meta, nc = ck["meta"], model.config.num_classes
-    out = out_dir or os.path.dirname(os.path.abspath(ckpt))
-    tag = f"cfg{cfg_scale:g}_t{temperature:g}_k{top_k}_p{top_p:g}" + (
-        f"_s{steps}" if maskgit else "") + f"_{'ema' if weights is ck.get('ema') else 'raw'}"
-    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k or None,
-              top_p=top_p if top_p < 1 else None, steps=steps if maskgit else None)
-    if any(not 0 <= c < nc for c in classes):
-        raise ValueError(f"classes: expected ids in [0, {nc}), got {classes}")
-    npz = os.path.join(out, f"samples_{num_samples}_{tag}.npz")
-    if num_samples:
-        check_npz_free(npz)  # every rank: all of them stop, none waits at a barrier
-    else:
-        warn_ignored(config, _explicit, ("overwrite",), "num_samples=0 writes no .npz")  # noqa: F821
+def generate(labels, g):
+    """Class labels (b,) -> decoded images (b, C, S, S) in [-1, 1]."""
+    with autocast:
+        return tok.decode(model.generate(labels.to(dev), generator=g, **kw)).float()
 
-    def generate(labels, g):
-        with autocast:
-            return tok.decode(model.generate(labels.to(dev), generator=g, **kw)).float()
 
-    if master:  # the grid: one row per class
-        cls = list(classes) or list(range(min(10, nc)))
-        g = torch.Generator(dev).manual_seed(seed)
-        path = os.path.join(out, f"grid_{tag}.png")
-        save_grid(generate(torch.tensor(cls).repeat_interleave(per_class), g), path, per_class)
-        print(f"wrote {path} (classes {cls}, {per_class} each)")
-    if num_samples == 0:
-        return
+# ---- the grid: one row per class (rank 0) ----
+if master:
+    cls = list(classes) or list(range(min(10, nc)))
+    g = torch.Generator(dev).manual_seed(seed)
+    path = os.path.join(out, f"grid_{tag}.png")
+    save_grid(generate(torch.tensor(cls).repeat_interleave(per_class), g), path, per_class)
+    print(f"wrote {path} (classes {cls}, {per_class} each)")
+
+# ---- num_samples > 0: class-balanced samples into the .npz, each rank its slice, then FID ----
+if num_samples:
     features = fid.load_inception(fid_weights, dev) if fid_weights else None  # fail before sampling
     if features:
         fid.check_num_samples(num_samples, features.dim)
@@ -186,9 +190,3 @@ def main():
                                                           "iter": ck["iter"], "split": fid_split, **kw})
     if ddp:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    config = configure(globals())
-    check_config(config)
-    main()

@@ -1,7 +1,8 @@
 """
 Residual-VQ image tokenizer, the library: model, quantizer, k-means, residuals, metrics.
-Importing it configures nothing; the scripts are train_tokenizer.py (training) and encode.py
-(encoding a split into memmaps for train.py).
+Importing it configures nothing; the scripts are support/train_tokenizer.py (training) and
+support/encode.py (encoding a split into memmaps for train.py); evaluation over a dataset is
+support/tokenizer_eval.py.
 
 An encoder maps an image to latents z (h, w, D) (small D, as LlamaGen / ViT-VQGAN); a residual
 quantizer with L levels ("Autoregressive Image Generation using Residual Quantization", RQ-VAE,
@@ -23,7 +24,6 @@ Tests: python -m pytest -q tests/test_tokenizer.py
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support import data
-from support.common import fingerprint, load_checkpoint, shard_range
+from support.calibrate import perplexity
+from support.common import ddp_initialized, fingerprint, load_checkpoint
 from snce import METRICS, nearest_code
 
 # -----------------------------------------------------------------------------
@@ -126,11 +126,7 @@ class Decoder(nn.Sequential):
         super().__init__(*layers)
 
 
-def _ddp():
-    return dist.is_available() and dist.is_initialized()
-
-
-def _upcast(x):
+def upcast(x):
     """float16 / bfloat16 (stored latents, autocast outputs) -> float32; float64 stays."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -138,7 +134,7 @@ def _upcast(x):
 def residuals_from(latents, codes, codebooks):
     """r_l = z - sum_{j<l} C_j[t_j]: (..., D), (..., L) int, (L, K, D) -> (..., L, D), at least
     float32. The vector level l quantized; SNCE's level-l target is q(. | r_l) against C_l."""
-    z = _upcast(latents).unsqueeze(-2)                          # (..., 1, D)
+    z = upcast(latents).unsqueeze(-2)                           # (..., 1, D)
     chosen = codebooks.to(z.dtype)[torch.arange(codebooks.shape[0], device=codes.device), codes.long()]
     return z - (chosen.cumsum(-2) - chosen)                     # exclusive prefix sum of codes
 
@@ -182,7 +178,7 @@ class ResidualQuantizer(nn.Module):
     def forward(self, z):
         """z (N, D) -> z_q with straight-through gradient, commitment loss, codes, residuals."""
         with torch.no_grad():
-            codes, res = self.quantize(_upcast(z.detach()))
+            codes, res = self.quantize(upcast(z.detach()))
         partial = self.lookup(codes).cumsum(-2)                  # (N, L, D) z_q after each level
         # RQ-VAE's commitment: pull z toward every partial reconstruction (mean over levels)
         commit = (z.float().unsqueeze(-2) - partial).pow(2).sum(-1).mean()
@@ -205,7 +201,7 @@ class ResidualQuantizer(nn.Module):
         for l in range(L):
             counts[l].index_add_(0, codes[:, l], torch.ones_like(codes[:, l], dtype=torch.float))
             sums[l].index_add_(0, codes[:, l], res[:, l].float())
-        if _ddp():
+        if ddp_initialized():
             dist.all_reduce(counts), dist.all_reduce(sums)
         nb = self.books.shape[0]
         n_b = counts.new_zeros(nb, K).index_add_(0, torch.tensor(self.book_of, device=res.device), counts)
@@ -227,7 +223,7 @@ class ResidualQuantizer(nn.Module):
         coded vectors such as flat background are never picked). Chosen on rank 0, broadcast.
         Returns the number of codes restarted per codebook (nb,)."""
         dead = self.unused >= self.cfg.restart_after              # identical on all ranks
-        if not _ddp() or dist.get_rank() == 0:
+        if not ddp_initialized() or dist.get_rank() == 0:
             chosen = self.lookup(codes)                           # (N, L, D)
             err = (res - chosen).pow(2).sum(-1)                   # (N, L)
             for b in range(self.books.shape[0]):
@@ -244,7 +240,7 @@ class ResidualQuantizer(nn.Module):
                 self.ema_count[b, idx] = c0
                 self.ema_sum[b, idx] = self.books[b, idx] * c0
         self.unused.masked_fill_(dead, 0)
-        if _ddp():
+        if ddp_initialized():
             for t in (self.books, self.ema_count, self.ema_sum):
                 dist.broadcast(t, 0)
         return dead.sum(-1)
@@ -255,7 +251,7 @@ class ResidualQuantizer(nn.Module):
         latents z (N, D) (`steps` batches' worth), level by level on the residuals. Data gathered
         from all ranks; the result broadcast from rank 0. EMA cluster sizes start at the
         per-step average."""
-        if _ddp():
+        if ddp_initialized():
             parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, z.contiguous())
             z = torch.cat(parts)
@@ -273,7 +269,7 @@ class ResidualQuantizer(nn.Module):
         self.ema_sum.copy_(self.books * self.ema_count.unsqueeze(-1))
         self.unused.zero_()
         self.initialized.fill_(True)
-        if _ddp():
+        if ddp_initialized():
             for t in (self.books, self.ema_count, self.ema_sum):
                 dist.broadcast(t, 0)
 
@@ -296,7 +292,7 @@ def kmeans(x, K, metric="l2", iters=10, generator=None):
 
 
 class TokenizerInterface:
-    """What every tokenizer here exposes, this repo's and the pretrained ones (pretrained.py):
+    """What every tokenizer here exposes, this repo's and the pretrained ones (pretrained_arch.py):
     `config` (image_size, downsample, in_channels, levels, codebook_size, code_dim, metric),
     `codebooks` (L, K, D), `encode_latents`, `quantize` and `decode`. The shape checks, the
     residuals SNCE's targets come from and the content fingerprint live here, once."""
@@ -371,7 +367,7 @@ class Tokenizer(TokenizerInterface, nn.Module):
     @torch.no_grad()
     def quantize(self, latents):
         """z (..., D) -> codes (..., L) int64."""
-        codes, _ = self.quantizer.quantize(_upcast(latents.reshape(-1, latents.shape[-1])))
+        codes, _ = self.quantizer.quantize(upcast(latents.reshape(-1, latents.shape[-1])))
         return codes.view(*latents.shape[:-1], self.config.levels)
 
     @torch.no_grad()
@@ -389,7 +385,12 @@ class Tokenizer(TokenizerInterface, nn.Module):
             raise ValueError(f"{path} is not a tokenizer checkpoint (expected 'model' and a "
                              f"'model_config' with codebook_size, as train_tokenizer.py writes; "
                              f"found keys {sorted(ckpt)}): a generator checkpoint from train.py?")
-        model = cls(TokenizerConfig(**ckpt["model_config"]))
+        try:
+            cfg = TokenizerConfig(**ckpt["model_config"])
+        except (TypeError, ValueError) as e:  # an unknown key, a value out of range
+            raise ValueError(f"{path}: its model_config cannot build a tokenizer: {e}") from None
+        model = cls(cfg)
+        check_state(ckpt["model"], model.state_dict(), path, "its model_config")
         model.load_state_dict(ckpt["model"])
         return model.to(device).eval()
 
@@ -397,6 +398,29 @@ class Tokenizer(TokenizerInterface, nn.Module):
     def from_checkpoint(cls, path, device="cpu"):
         return cls.from_state(load_checkpoint(path, map_location=device, what="tokenizer checkpoint"),
                               device, path)
+
+
+def check_state(sd, expected, path, source):
+    """A checkpoint's state dict sd against the state dict of the model built from `source`
+    (its config, or the shapes read from the file): the same keys and shapes, and finite values
+    in every floating tensor (one NaN code vector would win every nearest-code search and
+    become every level-0 code, silently). -> None, or a ValueError naming path and the key."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    missing, extra = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
+    if missing or extra:
+        raise ValueError(f"{path}: the weights do not match the model built from {source}: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, v in sd.items():
+        want = tuple(expected[k].shape)
+        if not torch.is_tensor(v) or tuple(v.shape) != want:
+            found = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise ValueError(f"{path}: tensor {k!r} has shape {found}, expected {want} (the model "
+                             f"built from {source}): the weights belong to another model")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            n = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{path}: tensor {k!r} {want} holds {n} non-finite value(s) (NaN / "
+                             "inf): the checkpoint is corrupt or its training diverged")
 
 
 def psnr(x, y):
@@ -408,41 +432,4 @@ def psnr(x, y):
 def usage_stats(hist):
     """hist (L, K) code counts -> utilization (share of codes used), perplexity, per level."""
     p = hist / hist.sum(-1, keepdim=True).clamp_min(1)
-    ppl = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum(-1))
-    return (hist > 0).float().mean(-1), ppl
-
-
-@torch.no_grad()
-def evaluate(model, ds, batch_size, max_images=None, device="cpu", autocast=nullcontext(),
-             num_workers=0):
-    """Reconstruction and code usage on (up to max_images of) ds: PSNR (mean over images), the
-    latent power E||z||^2 and per-level quantization error E||r_{l+1}||^2 (means over latent
-    positions; the error should fall with l), and utilization / perplexity of each level's
-    histogram over all codes. The images are a fixed random subset (seed 0: class-sorted
-    datasets still give mixed recon grids), split across ranks, sums all-reduced.
-    -> (metrics dict, (x, recon) of this rank's first batch or None)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _ddp() else (0, 1)
-    model.eval()
-    L, K = model.config.levels, model.config.codebook_size
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:max_images]
-    lo, hi = shard_range(len(order), rank, world)
-    # sums over images: [psnr, images, ||z||^2 per image] + ||r_{l+1}||^2 per image, per level
-    tot, hist, first = torch.zeros(3 + L, device=device), torch.zeros(L * K, device=device), None
-    for x, _ in data.batch_loader(ds, order[lo:hi].split(batch_size), num_workers, device):
-        with autocast:
-            recon, _, codes, res = model(x)
-        after = res - model.quantizer.lookup(codes)               # r_{l+1} = r_l - C_l[t_l]
-        per_image = len(codes) // len(x)                          # h * w latent positions
-        tot[:3] += torch.stack([psnr(recon, x).sum(), x.new_tensor(float(len(x))),
-                                res[:, 0].float().pow(2).sum() / per_image])
-        tot[3:] += after.float().pow(2).sum(-1).sum(0) / per_image
-        hist += torch.bincount((codes + torch.arange(L, device=device) * K).flatten(), minlength=L * K)
-        first = (x, recon) if first is None else first
-    if _ddp():
-        dist.all_reduce(tot), dist.all_reduce(hist)
-    util, ppl = usage_stats(hist.view(L, K))
-    model.train()
-    n = tot[1].clamp_min(1)
-    return {"psnr": (tot[0] / n).item(), "latent_power": (tot[2] / n).item(), "images": int(tot[1]),
-            "qerr": (tot[3:] / n).tolist(), "util": util.tolist(), "ppl": ppl.tolist()}, first
-
+    return (hist > 0).float().mean(-1), perplexity(p)

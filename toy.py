@@ -2,9 +2,13 @@
 The paper's toy experiment (Fig. 2), with numbers: L2 regression vs CE vs SNCE on a 2D
 two-Gaussian latent quantized by a large uniform grid, from only 100 training points.
 
-    python toy.py                                  # 3 seeds: assets/toy.png, assets/toy_metrics.json
+    python toy.py                                  # 3 seeds: out/toy/toy.png, out/toy/toy_metrics.json
     python toy.py --tau 0.02 0.05 0.1 0.2 0.5 1    # + a tau sweep, toy_tau.png (first tau = main)
-    python toy.py --seeds 5 --out_dir out/toy
+    python toy.py --tau 0.1 0.005 0.02 0.05 0.2 0.5 1.0 --out_dir assets   # README's figures + numbers
+
+The README's assets (toy.png, toy_tau.png, toy_metrics.json with its tau sweep, which
+support/study_report.py plots beside the study's perplexity sweep) come from the last command
+only: a plain run writes under out/ and leaves them as they are.
 
 Setting (the paper's equations and numbers were lost from its text; these are ours):
 - ground truth: 0.5 N((-1.2, -1.2), 0.5^2 I) + 0.5 N((1.2, 1.2), 0.5^2 I)
@@ -240,7 +244,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=STEPS, help="training steps per objective")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes running the independent fits in parallel")
-    p.add_argument("--out_dir", default="assets", help="where toy.png, toy_metrics.json go")
+    p.add_argument("--out_dir", default=os.path.join("out", "toy"),
+                   help="where toy.png, toy_metrics.json (and toy_tau.png) go")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.steps < 1 or args.workers < 1 or any(t <= 0 for t in args.tau):
         p.error(f"need --seeds, --steps, --workers >= 1 and every --tau > 0, got {args.seeds}, "

@@ -20,4 +20,4 @@ out_dir = "out/imagenet_emu131072_snce"
 data_dir = "/data/encoded/emu131072/train"
 val_dir = "/data/encoded/emu131072/val"
 loss = "snce"
-tau = 1.0
+tau = 1.0                   # the paper's setting for its IBQ tokenizer (dot metric); train.py's default

@@ -19,4 +19,4 @@ out_dir = "out/imagenet_ibq262144_snce"
 data_dir = "/data/encoded/ibq262144/train"
 val_dir = "/data/encoded/ibq262144/val"
 loss = "snce"
-tau = 1.0
+tau = 1.0                   # the paper's setting for its IBQ tokenizer (dot metric); train.py's default

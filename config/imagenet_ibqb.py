@@ -4,7 +4,8 @@ ImageNet 256 px class-conditional AR generator: the recipe of the SNCE paper's T
 IBQ-B's hyper-parameters (IBQ, arXiv 2412.02692: 32 GPUs x 24 = global batch 768, AdamW
 (0.9, 0.95), lr 3e-4 with 6 warmup epochs, weight decay 0.05, dropout 0.1, class dropout 0.1,
 grad clip 1, 300 epochs, no EMA), the input embedding and output head sized to the tokenizer's
-codebook. SNCE with tau = 1 (the paper's best) on the tokenizer's metric.
+codebook. SNCE with train.py's default tau = 1 (the paper's setting for its IBQ tokenizer: dot
+metric, D = 256) on the tokenizer's metric.
 Differences from IBQ's trainer: our lr decays by cosine to 0.1x (IBQ: linear to 0.1x), weight
 decay stays constant (IBQ: cosine to 0), and model.py's IBQ-B is 24 plain pre-norm blocks of
 width 1024 (342M parameters with K = 16,384, as IBQ-B; IBQ's has 16 adaLN blocks).
@@ -15,7 +16,8 @@ downloaded tokenizer (pretrained.py; encode commands in each file):
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py config/imagenet_emu131072.py
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py config/imagenet_ibq16384.py
 Alone, it trains on this repo's own ImageNet tokenizer (pixel MSE only: blurry decodes, so its
-FIDs are not the paper's), encoded first:
+FIDs are not the paper's; its metric is l2, where tau = 1 is not the paper's setting:
+--target_perplexity=25 calibrates tau instead), encoded first:
     torchrun --standalone --nproc_per_node=8 -m support.train_tokenizer config/tokenizer_imagenet.py \
         --data_root=/data/imagenet --codebook_size=131072
     torchrun --standalone --nproc_per_node=8 -m support.encode --ckpt=out/tokenizer_imagenet/ckpt.pt \
@@ -36,8 +38,8 @@ model_size = "IBQ-B"
 mode = "ar"
 dropout = 0.1
 class_dropout = 0.1
-loss = "snce"                          # tau = 1, tau_scale = none: train.py's defaults (the
-                                       # paper's best; not set here, so --loss=ce warns of nothing)
+loss = "snce"                          # tau = 1, tau_scale = none: train.py's defaults (not set
+                                       # here, so --loss=ce warns of nothing)
 batch_size = 24                        # per GPU and micro-step
 gradient_accumulation_steps = 32       # global: 8 GPUs -> 4 micro-steps each; 32 GPUs -> 1
 max_iters = 300 * 1281167 // 768       # 300 epochs of ImageNet-1k train = 500,455 steps

@@ -6,11 +6,13 @@ backward median time, ratios measured side by side in one run, peak extra memory
                                              # K=16384 (D=8), every metric, median of 3
     python -m support.bench_snce --sizes=2048x128x16384x8 --metrics=l2 --reps=5
     python -m support.bench_snce --device=cuda --dtype=bf16 --sizes=16384x1024x131072x8   # GPU target
+    OMP_NUM_THREADS=1 python -m support.bench_snce --sizes=2048x128x4096x8 --metrics=l2 --busy=2
+                                             # a busy machine: 2 competing busy-loop processes
 
 Rows (each timed as loss + backward to the hidden states and the head weight):
     (1)  F.linear + F.cross_entropy on the hard codes (materialises the (N, K) logits)
-    (2)  naive dense SNCE: materialised q (Eq. 5) and log-softmax; the error reference of the
-         soft rows (hard rows are compared with (1))
+    (2)  naive dense SNCE: snce.dense_snce on the materialised q of snce.neighbor_probs (Eq. 5,
+         8); the error reference of the soft rows (hard rows are compared with (1))
     (3)  snce_loss on materialised logits
     (4)  fused_linear_snce, eager path (compile=False): the readable reference and fallback
     (5)  fused_linear_snce, compiled chunk kernel (compile=True)
@@ -27,15 +29,19 @@ say "not installed".
 """
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from snce import METRICS, _prep, _teacher, fused_linear_snce, nearest_code, neighbor_probs, snce_loss
+from snce import (METRICS, dense_snce, fused_linear_snce, linear_teacher, nearest_code,
+                  neighbor_probs, snce_loss)
+from support.calibrate import row_entropy
 
 
 # -----------------------------------------------------------------------------
@@ -81,35 +87,19 @@ def _liger():
     return ForwardKL, None
 
 
-def _linear_teacher(z, C, tau, metric):
-    """SNCE's q as a linear head: teacher_input [z, 1] (or unit z), teacher_weight A (K, D')."""
-    A = _teacher(C, tau, metric)
-    return _prep(z, metric, A.dtype), A
-
-
-def _mean_entropy(zt, A, chunk=256):
-    """mean_i H(q_i) of the linear teacher's q, chunked over rows."""
-    total = 0.0
-    for i in range(0, len(zt), chunk):
-        logq = F.log_softmax(zt[i:i + chunk] @ A.t(), -1)
-        total += -(logq.exp() * logq).sum().item()
-    return total / len(zt)
-
-
 # -----------------------------------------------------------------------------
 # the rows
 
 
 def methods(h, W, z, C, tau, metric, codes, peers):
     cce, liger = peers
-    zt, A = _linear_teacher(z, C, tau, metric)
+    zt, A = linear_teacher(z, C, tau, metric)     # Liger's teacher: softmax(zt @ A^T) = q
 
     def ce():
         return F.cross_entropy((h @ W.t()).float(), codes)
 
     def naive():
-        q = neighbor_probs(z, C, tau, metric)
-        return -(q * (h @ W.t()).float().log_softmax(-1)).sum(-1).mean()
+        return dense_snce((h @ W.t()).float(), neighbor_probs(z, C, tau, metric)).mean()
 
     def torch_lce():
         return F.linear_cross_entropy(h, W, codes, options=torch.nn.LinearCrossEntropyOptions())
@@ -130,7 +120,8 @@ def methods(h, W, z, C, tau, metric, codes, peers):
     }
     # Liger's loss is the mean KL(q || p); SNCE's is that + the mean entropy H(q): add it back
     # so both rows report the same number (a constant: the gradients are untouched)
-    kl_gap = 0.0 if isinstance(liger, str) else _mean_entropy(zt, A)
+    kl_gap = (0.0 if isinstance(liger, str)
+              else row_entropy(z, C, tau, metric).double().mean().item())
     for compiled in (False, True):
         name = f"(9) Liger fused linear distillation, {'compiled' if compiled else 'eager'}"
         rows[name] = ((lambda c=compiled: liger.apply(h, W, zt, A, codes, c) + kl_gap)
@@ -206,8 +197,9 @@ def bench(N, H, K, D, metric, args, peers):
     t = {name: statistics.median(v) for name, v in times.items()}
     one, hard = "(1) linear + F.cross_entropy", "(6) fused_linear_snce, hard codes given"
     errs = {}
+    busy = f", {args.busy} busy-loop processes beside" if args.busy else ""
     print(f"\nN={N} H={H} K={K} D={D} tau={args.tau} metric={metric}: {device.type} "
-          f"({torch.get_num_threads()} threads), {args.dtype}, median of {args.reps}")
+          f"({torch.get_num_threads()} threads{busy}), {args.dtype}, median of {args.reps}")
     print("| method | fwd+bwd ms | x (1) | x repo hard | peak extra MB | max abs err | first call s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (fn, kind) in rows.items():
@@ -232,14 +224,34 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--busy", type=int, default=0,
+                   help="start this many busy-loop processes for the run (a shared machine)")
     args = p.parse_args()
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc keeps freed blocks < 32 MB in the heap, so the resident set would remember
         # earlier methods' buffers; a fixed mmap threshold returns them, making VmHWM honest.
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+        os.execv(sys.executable, [sys.executable, "-m", "support.bench_snce"] + sys.argv[1:])
     peers = tuple(f() for f in (_cce, _liger))
     peers = tuple(mod if mod is not None else why for mod, why in peers)
+    with competing_processes(args.busy):
+        run_sizes(args, peers)
+
+
+@contextlib.contextmanager
+def competing_processes(n):
+    """n busy-loop processes for the duration: a machine shared with other jobs, where OpenMP
+    threads that wait for a descheduled peer stall every parallel op."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def run_sizes(args, peers):
     summary = []
     for size in args.sizes.split(","):
         N, H, K, D = (int(x) for x in size.lower().split("x"))

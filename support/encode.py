@@ -4,7 +4,7 @@ Encode a split with a tokenizer into the memmaps train.py reads (format: data.py
 targets are computed from), labels.npy (N,), meta.json (shapes, the tokenizer's content
 fingerprint, its checkpoint path relative to encode_dir, the class list, complete=true last).
 The tokenizer is this repo's (train_tokenizer.py's ckpt.pt) or a downloaded IBQ `.ckpt`, Emu3.5
-`model.ckpt` or LlamaGen `vq_ds16_c2i.pt` (pretrained.py; its EMA weights when complete).
+`model.ckpt` or LlamaGen `vq_ds16_c2i.pt` (pretrained.py loads them; its EMA weights when complete).
 
     python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=train   # -> out/tokenizer_mnist/encoded_train
     python -m support.encode --ckpt=out/tokenizer_mnist/ckpt.pt --split=val
@@ -24,11 +24,12 @@ The model (levels, codebook_size, ...) and, for this repo's tokenizers, the data
 data_root, image_size) come from the checkpoint; --data_root overrides where the images are now.
 
 latents_dtype: float16 (128 KB per image at D = 256, 16 x 16 tokens), or int8 with a float16
-scale per vector (64.5 KB; pretrained.pack_latents). Codes: with float16 they are the nearest
+scale per vector (64.5 KB; latents.pack_latents). Codes: with float16 they are the nearest
 codes of the stored (rounded) latents, so train.py's check that the codebooks reproduce them is
 exact; with int8 they are the tokenizer's own codes of the float32 latents (the tokens its decoder
 was trained on), and meta.json's stored_code_flips records the share of tokens whose nearest code
-the int8 rounding changes (about 1.7% on random D = 256 latents), which train.py's check allows for.
+the int8 rounding changes (bench_pretrained.py measures it on random latents), which train.py's
+check allows for.
 augment: none | flip (each image + its mirror) | tencrop (four corners + center of a 1.1x center
 crop, and their mirrors: LlamaGen's extraction); rows i * views + r hold the views of image i,
 labels repeated, meta.json says "augment" and "views". For codes-only (ce) runs or small-D
@@ -40,25 +41,33 @@ block's rows are flushed a marker {encode_dir}/progress/<first>-<end>.json recor
 int8 code flips), so a kill loses at most one block per rank; the next run (with any number of
 ranks) keeps the arrays and encodes only the blocks without a marker. Each run's ranks take the
 remaining blocks round-robin, writing their rows of one memmap; at the end rank 0 sums the
-markers into meta.json (complete=true) and removes progress/.
+markers into meta.json (complete=true) and removes progress/. One run at a time per directory:
+rank 0 holds {encode_dir}/.lock (dirlock.py) from before the first write to the end, so a second
+run of the same encode_dir stops at once with an error naming the first one's pid. The arrays'
+disk space is reserved when they are created: a full disk is an error before any encoding.
 From Python (tests): encode_split(ckpt, split, encode_dir, ...).
 Tests: python -m pytest -q tests/test_tokenizer.py tests/test_data.py
 """
 
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 from support import data
-from support.common import read_json, setup_device, write_json
-from support.pretrained import AUGMENTS, augment_views, crop_size, open_tokenizer, pack_latents, unpack_latents
+from support.common import ddp_initialized, read_json, setup_device, write_json
+from support.dirlock import DirInUseError, lock_dir
+from support.latents import pack_latents, unpack_latents
+from support.pretrained import open_tokenizer
+from support.views import AUGMENTS, augment_views, crop_size
 from tokenizer import TokenizerConfig
 
 BLOCK_IMAGES = 1024  # images per block: a kill loses at most one block's work per rank
 PROGRESS = "progress"  # {encode_dir}/progress/<lo>-<hi>.json: one marker per encoded block
+SCAN_HINT = "pass --scan_images=True to find and skip unreadable images before encoding"
 
 
 @torch.no_grad()
@@ -78,7 +87,7 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
     if latents_dtype not in data.LATENTS_DTYPES or augment not in AUGMENTS:
         raise ValueError(f"expected latents_dtype in {data.LATENTS_DTYPES} and augment in "
                          f"{tuple(AUGMENTS)}, got {latents_dtype!r}, {augment!r}")
-    ddp = dist.is_available() and dist.is_initialized()
+    ddp = ddp_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     _, _, autocast = setup_device(device, dtype)
@@ -86,53 +95,74 @@ def encode_split(ckpt, split, encode_dir="", data_root="", overwrite=False, batc
     name, root = data.tokenizer_dataset(ckpt, info, dataset_name, data_root, need_name=dataset is None)
     views = AUGMENTS[augment]
     if dataset is None:
-        ds, num_classes, _ = data.get_dataset(name, split, crop_size(augment, model.config.image_size), root)
+        ds, num_classes, _ = data.get_dataset(name, split, crop_size(augment, model.config.image_size),
+                                              root, unreadable_hint=SCAN_HINT)
         classes = data.class_names(ds, num_classes)
     else:
         ds, classes = dataset
-    skipped = data.scan_images(ds, num_workers) if scan_images else []
-    if master and scan_images:
-        print(f"scan: {len(skipped)} unreadable image(s) skipped, {len(ds)} left"
-              + "".join(f"\n  {m}" for m in skipped[:20]) + ("\n  ..." if len(skipped) > 20 else ""))
     out = encode_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"encoded_{split}")
-    extra = {"augment": augment, "views": views} if augment != "none" else {}
-    meta = data.source_meta(model, info, ckpt, len(ds) * views, name, root, split, classes, out,
-                            latents_dtype, **extra, **({"skipped_images": skipped} if scan_images else {}))
-    state = data.existing_encoding(out, meta, overwrite)  # every rank decides before anyone writes
-    if state == "done":
+    with lock_encode_dir(out, master, ddp):  # a second encode of out stops here, before any work
+        skipped = data.scan_images(ds, num_workers) if scan_images else []
+        if master and scan_images:
+            print(f"scan: {len(skipped)} unreadable image(s) skipped, {len(ds)} left"
+                  + "".join(f"\n  {m}" for m in skipped[:20]) + ("\n  ..." if len(skipped) > 20 else ""))
+        extra = {"augment": augment, "views": views} if augment != "none" else {}
+        meta = data.source_meta(model, info, ckpt, len(ds) * views, name, root, split, classes, out,
+                                latents_dtype, **extra, **({"skipped_images": skipped} if scan_images else {}))
+        state = data.existing_encoding(out, meta, overwrite)  # every rank decides before anyone writes
+        if state == "done":
+            if master:
+                data.finish_encoded(out, meta)  # same content; record where the checkpoint is now
+                _remove_progress(out)  # left behind if a run was killed right after finishing
+                print(f"{out} already holds this encoding (tokenizer {meta['tokenizer_fingerprint']}); "
+                      "nothing to do (--overwrite=True redoes it)")
+            return out
+        if ddp:
+            dist.barrier()
+        if master and state == "new":
+            _remove_progress(out)  # markers of a replaced encoding would skip its blocks
+            data.create_encoded(out, meta)
+        if ddp:
+            dist.barrier()
+        layout = block_layout(len(ds), block_images)
+        done = set(done_blocks(out, layout))
+        if ddp:
+            dist.barrier()  # every rank has listed the markers before any rank adds one
+        if master and state == "resume":
+            print(f"resuming {out}: {len(done)} of {len(layout)} blocks "
+                  f"({sum(hi - lo for lo, hi in done)} of {len(ds)} images) already encoded")
+        todo = [b for b in layout if b not in done]
+        _encode_blocks(model, ds, rank_blocks(todo, rank, world), data.open_encoded(out, meta), out,
+                       augment, latents_dtype, meta["codes_dtype"], autocast, batch_size, num_workers,
+                       device, desc=f"encode {split} (rank 0)" if master else None)
+        if ddp:
+            dist.barrier()
         if master:
-            data.finish_encoded(out, meta)  # same content; record where the checkpoint is now
-            _remove_progress(out)  # left behind if a run was killed right after finishing
-            print(f"{out} already holds this encoding (tokenizer {meta['tokenizer_fingerprint']}); "
-                  "nothing to do (--overwrite=True redoes it)")
+            flips, codes = _sum_markers(out, layout)
+            data.finish_encoded(out, {**meta, "stored_code_flips": flips / max(codes, 1)})
+            _remove_progress(out)
+            print(f"encoded {len(ds)} images" + (f" x {views} views ({augment})" if views > 1 else "")
+                  + f" with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
         return out
-    if ddp:
-        dist.barrier()
-    if master and state == "new":
-        _remove_progress(out)  # markers of a replaced encoding would skip its blocks
-        data.create_encoded(out, meta)
-    if ddp:
-        dist.barrier()
-    layout = block_layout(len(ds), block_images)
-    done = set(done_blocks(out, layout))
-    if ddp:
-        dist.barrier()  # every rank has listed the markers before any rank adds one
-    if master and state == "resume":
-        print(f"resuming {out}: {len(done)} of {len(layout)} blocks "
-              f"({sum(hi - lo for lo, hi in done)} of {len(ds)} images) already encoded")
-    todo = [b for b in layout if b not in done]
-    _encode_blocks(model, ds, rank_blocks(todo, rank, world), data.open_encoded(out, meta), out,
-                   augment, latents_dtype, meta["codes_dtype"], autocast, batch_size, num_workers,
-                   device, desc=f"encode {split} (rank 0)" if master else None)
-    if ddp:
-        dist.barrier()
+
+
+def lock_encode_dir(out, master, ddp):
+    """Rank 0 locks out (dirlock.lock_dir) and tells the other ranks whether it could, so every
+    rank of a second run raises the same DirInUseError at once. -> the held lock (rank 0) or a
+    no-op context manager."""
+    lock, err = nullcontext(), None
     if master:
-        flips, codes = _sum_markers(out, layout)
-        data.finish_encoded(out, {**meta, "stored_code_flips": flips / max(codes, 1)})
-        _remove_progress(out)
-        print(f"encoded {len(ds)} images" + (f" x {views} views ({augment})" if views > 1 else "")
-              + f" with tokenizer {meta['tokenizer_fingerprint']} -> {out}")
-    return out
+        try:
+            lock = lock_dir(out)
+        except DirInUseError as e:
+            err = str(e)
+    if ddp:
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)
+        err = msg[0]
+    if err:
+        raise DirInUseError(err)
+    return lock
 
 
 # -----------------------------------------------------------------------------
@@ -188,17 +218,19 @@ def _encode_blocks(model, ds, blocks, arr, out, augment, latents_dtype, codes_dt
     batches = [(b, idx) for b in blocks for idx in torch.arange(*b).split(batch_size)]
     loader = data.batch_loader(ds, [idx for _, idx in batches], num_workers, device)
     flips = codes = 0
-    for (block, idx), (x, y) in zip(batches, tqdm(loader, total=len(batches), disable=desc is None,
-                                                  desc=desc)):
+    bar = tqdm(total=len(batches), disable=desc is None, desc=desc)  # updated after each batch:
+    for (block, idx), (x, y) in zip(batches, loader):  # wrapping the loader stopped it at n - 1
         rows = slice(int(idx[0]) * views, (int(idx[-1]) + 1) * views)
         f, n = _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, autocast)
         flips, codes = flips + f, codes + n
+        bar.update()
         if int(idx[-1]) + 1 == block[1]:
             for a in arr.values():
                 a.flush()
             write_json(marker_path(out, block), {"images": list(block), "code_flips": flips,
                                                  "codes": codes})
             flips = codes = 0
+    bar.close()
 
 
 def _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, autocast):
@@ -209,6 +241,10 @@ def _encode_batch(model, x, y, arr, rows, augment, latents_dtype, codes_dtype, a
     y = y.repeat_interleave(views)
     with autocast:
         z = model.encode_latents(x)
+    if not torch.isfinite(z).all():  # NaN latents would become code 0 everywhere, silently
+        bad = int(torch.isfinite(z).flatten(1).all(1).logical_not().nonzero()[0]) + rows.start
+        raise ValueError(f"the tokenizer's latents of row {bad} (image {bad // views}) are not finite "
+                         "(NaN / inf): check the image and the tokenizer's weights")
     flips = 0
     if latents_dtype == "float16":
         z = z.half()  # quantize what is stored: residuals rebuilt from the memmap match the codes

@@ -1,7 +1,8 @@
 """
 FID (Frechet Inception Distance; Heusel et al., "GANs Trained by a Two Time-Scale Update Rule
 Converge to a Local Nash Equilibrium", arXiv:1706.08500) as a library: sample.py computes FID
-with it, tests and study.py import it. Importing it configures nothing.
+with it, mnist_classifier.py's Frechet LeNet distance reuses its Frechet distance and running
+statistics. Importing it configures nothing.
 
     from support.fid import load_inception, FeatureStats, frechet_distance, reference_stats
     features = load_inception(path_to_torchscript)           # uint8 (B, H, W, 3) -> (B, 2048)
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from support import data
-from support.common import atomic_path
+from support.common import atomic_path, ddp_initialized
 from support.data import to_uint8
 
 MIN_SAMPLES_WARN = 1000  # below this (or below the feature dim) FID is strongly biased upward
@@ -74,7 +75,7 @@ class FeatureStats:
 
     def all_reduce(self):
         import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        if ddp_initialized():
             for t in (self.n, self.s, self.ss):
                 dist.all_reduce(t)
         return self
@@ -120,7 +121,7 @@ def load_inception(path, device="cpu"):
     @torch.no_grad()
     def features(x):
         x = x.to(device).permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0..255
-        cl = torch.channels_last  # oneDNN's faster conv layout on CPU (10-20% here), same numbers
+        cl = torch.channels_last  # oneDNN's faster conv layout on CPU, same numbers
         if stylegan:
             f = net(x.contiguous(memory_format=cl), return_features=True)
         else:

@@ -9,8 +9,7 @@ The classifier is trained by this file on the MNIST-5k train split only (4,500 d
 small random shifts as augmentation) and checked on the val split (500 digits); the
 checkpoint is written once (atomically, loadable with weights_only=True) and reused:
 
-    python -m support.mnist_classifier                       # -> out/mnist_classifier/ckpt.pt: val accuracy 0.972
-                                                     #    (7.7 CPU-minutes; 23 min on 2 busy cores)
+    python -m support.mnist_classifier                       # -> out/mnist_classifier/ckpt.pt
     python -m support.mnist_classifier --epochs 20 --seed 1 --out out/mnist_classifier_s1
     python -m support.mnist_classifier --force               # retrain over an existing checkpoint
 

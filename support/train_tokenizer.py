@@ -33,7 +33,8 @@ from support.common import (batch_indices, batches_per_epoch, check_choice, chec
                     config_diff, configure, init_distributed, load_checkpoint, lr_at,
                     prepare_run_dir, resume_decay_iters, save_checkpoint, setup_device, step_seed,
                     write_json)
-from tokenizer import Tokenizer, TokenizerConfig, evaluate, psnr, usage_stats
+from support.tokenizer_eval import evaluate
+from tokenizer import Tokenizer, TokenizerConfig, psnr, usage_stats
 
 # -----------------------------------------------------------------------------
 # config (defaults: a small CPU-sized tokenizer; config/tokenizer_*.py set real runs)

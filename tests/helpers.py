@@ -53,6 +53,21 @@ def make_encoded(root, n_train=48, n_val=12, seed=0):
     return os.path.join(root, "train"), os.path.join(root, "val"), ckpt
 
 
+def naive_codes(z, books):
+    """The l2 residual codes of latents z (N, D) under codebooks (L, K, D), level by level in
+    float64 Python: at level l, t_l = argmin_k ||r_l - C_l[k]||^2 and r_{l+1} = r_l - C_l[t_l].
+    -> (N, L) list of lists."""
+    out = []
+    for r in z.double().tolist():
+        row = []
+        for book in books.double().tolist():
+            t = min(range(len(book)), key=lambda k: sum((a - b) ** 2 for a, b in zip(r, book[k])))
+            row.append(t)
+            r = [a - b for a, b in zip(r, book[t])]
+        out.append(row)
+    return out
+
+
 def make_image_folder(root, n_per_class=6, size=20):
     """{root}/{train,val}/{a,b}/<i>.png: random RGB images, size x (size + 4) (not square: the
     loader resizes the short side and centre crops)."""

@@ -1,5 +1,9 @@
 """bench_snce.py: every row it times computes the same loss and gradients (the soft rows as the
-dense SNCE reference, the hard rows as F.cross_entropy), so its table compares like with like."""
+dense SNCE reference, the hard rows as F.cross_entropy), so its table compares like with like;
+it reaches snce.py through public names only.
+
+    .venv/bin/python -m pytest -q tests/test_bench_snce.py
+"""
 
 import argparse
 
@@ -12,7 +16,7 @@ from snce import compile_available
 
 @pytest.mark.skipif(not compile_available("cpu"), reason="row (5) compiles: needs a C++ compiler")
 def test_bench_rows_agree(capsys, metric="cos"):
-    args = argparse.Namespace(device="cpu", dtype="fp32", tau=0.5, reps=1)
+    args = argparse.Namespace(device="cpu", dtype="fp32", tau=0.5, reps=1, busy=0)
     peers = ("not installed", "not installed")      # the optional peers are not in the test env
     t, peak, errs = bench_snce.bench(48, 8, 300, 4, metric, args, peers)
     out = capsys.readouterr().out
@@ -25,13 +29,19 @@ def test_bench_rows_agree(capsys, metric="cos"):
         assert err < 1e-5, (name, err)
 
 
-def test_linear_teacher_gives_snces_q():
-    """The Liger row's teacher: softmax([z, 1] @ A^T) is q of Eq. 5, and H(q) its mean entropy."""
-    g = torch.Generator().manual_seed(0)
-    z, C = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g,
-                                                                             dtype=torch.float64)
-    zt, A = bench_snce._linear_teacher(z, C, 0.4, "l2")
-    q = torch.softmax(-((z[:, None] - C) ** 2).sum(-1) / 0.4, -1)
-    torch.testing.assert_close(torch.softmax(zt @ A.t(), -1), q)
-    want = -(q * q.log()).sum(-1).mean().item()
-    assert abs(bench_snce._mean_entropy(zt, A, chunk=7) - want) < 1e-9
+def test_bench_uses_public_names_only():
+    """snce's private helpers may change at will: the benchmark imports none of them."""
+    import ast
+    tree = ast.parse(open(bench_snce.__file__).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in ("snce", "support.snce_kernels"):
+            assert not [a.name for a in node.names if a.name.startswith("_")]
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert not (node.value.id == "snce" and node.attr.startswith("_"))
+
+
+def test_competing_processes_run_during_the_block_only():
+    """--busy=N: N busy-loop processes while the benchmark runs, none left behind."""
+    with bench_snce.competing_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)

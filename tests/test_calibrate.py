@@ -1,5 +1,5 @@
-"""calibrate.py: q statistics against a dense float64 per-row computation, and the bisection
-against a brute-force scan over a tau grid.
+"""calibrate.py: entropy / perplexity and the q statistics against a naive float64 per-row
+computation, and the bisection against a brute-force scan over a tau grid.
 
     .venv/bin/python -m pytest -q tests/test_calibrate.py
 """
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from support.calibrate import calibrate_tau, q_stats, row_stats  # noqa: E402
+from support.calibrate import (calibrate_tau, entropy, perplexity, q_stats,  # noqa: E402
+                               row_entropy, row_stats)
 
 
 def naive_row(z, codebook, tau, metric):
@@ -54,6 +55,23 @@ def test_q_stats_match_naive_rows(metric, tau):
         assert got[k] == pytest.approx(ref[k], rel=1e-10), k
 
 
+def test_entropy_and_perplexity_of_any_distribution():
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0], [1.0, 0.0, 0.0, 0.0], [0.25] * 4], dtype=torch.float64)
+    want = [-sum(x * math.log(x) for x in row if x > 0) for row in p.tolist()]   # 0 log 0 = 0
+    torch.testing.assert_close(entropy(p), torch.tensor(want, dtype=torch.float64))
+    torch.testing.assert_close(perplexity(p), torch.tensor(want, dtype=torch.float64).exp())
+    assert perplexity(p)[1].item() == 1.0 and perplexity(p)[2].item() == pytest.approx(4.0)
+    assert entropy(p[None]).shape == (1, 3)                         # any leading dims
+
+
+@pytest.mark.parametrize("metric,tau", [("l2", 0.05), ("dot", 0.3), ("cos", 0.1)])
+def test_row_entropy_matches_naive_rows(metric, tau):
+    z, book = data()
+    want = [math.log(naive_row(r, book, tau, metric)[0]) for r in z]
+    torch.testing.assert_close(row_entropy(z, book, tau, metric, chunk_rows=4),
+                               torch.tensor(want, dtype=torch.float64))
+
+
 def test_row_stats_limits():
     z, book = data()
     ppl, top1 = row_stats(z, book, 0.0, "l2")  # tau 0: CE's one-hot target
@@ -93,3 +111,14 @@ def test_calibrate_errors():
         calibrate_tau(torch.zeros(3, 2, dtype=torch.float64), book, 1.5, "l2")
     with pytest.raises(ValueError, match="not finite|not reached|too small"):  # fp32: overflow first
         calibrate_tau(torch.zeros(3, 2), book.float(), 1.5, "l2")
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot", "cos"])
+def test_q_stats_ignore_autocast(metric):
+    """Calibration inside a bf16 autocast (a training loop's) measures the fp32 target: the same
+    statistics bit for bit (q computed in bf16 would move them)."""
+    g = torch.Generator().manual_seed(0)
+    z, book = torch.randn(256, 8, generator=g), torch.randn(4096, 8, generator=g)
+    want = q_stats(z, book, 0.05, metric)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q_stats(z, book, 0.05, metric) == want

@@ -1,4 +1,5 @@
-"""common.py: overrides, config files, clear errors, atomic checkpoints, files and figures."""
+"""support/config.py (overrides, config files, clear errors) and support/common.py (atomic
+checkpoints, files and figures, the lr schedule, the data order, run directories)."""
 
 import math
 import os
@@ -9,7 +10,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from support import common  # noqa: E402
-from support.common import configure, load_checkpoint, save_checkpoint  # noqa: E402
+from support import config as cfg_mod  # noqa: E402
+from support.common import load_checkpoint, save_checkpoint  # noqa: E402
+from support.config import configure  # noqa: E402
 
 
 def defaults():
@@ -235,16 +238,22 @@ def test_fingerprint_is_content_based():
 
 def test_check_range_and_choice():
     cfg = {"n": 0, "d": 1.0, "m": "x"}
-    common.check_range(cfg, "n", lo=0)
+    cfg_mod.check_range(cfg, "n", lo=0)
     with pytest.raises(ValueError, match=r"'n': expected a value in \(0, inf\), got 0"):
-        common.check_range(cfg, "n", lo=0, lo_open=True)
+        cfg_mod.check_range(cfg, "n", lo=0, lo_open=True)
     with pytest.raises(ValueError, match=r"'d': expected a value in \[0, 1\), got 1.0"):
-        common.check_range(cfg, "d", lo=0, hi=1, hi_open=True)
+        cfg_mod.check_range(cfg, "d", lo=0, hi=1, hi_open=True)
     with pytest.raises(ValueError, match=r"'m': expected one of \('a', 'b'\), got 'x'"):
-        common.check_choice(cfg, "m", ("a", "b"))
+        cfg_mod.check_choice(cfg, "m", ("a", "b"))
 
 
 def test_configure_records_explicit_keys():
     g = defaults()
     configure(g, ["--lr=2e-3"])
     assert g["_explicit"] == {"lr"}
+
+
+def test_common_reexports_the_config_names():
+    """The scripts import the config names from support.common too: the same functions."""
+    for name in ("configure", "check_range", "check_choice", "warn_ignored"):
+        assert getattr(common, name) is getattr(cfg_mod, name)

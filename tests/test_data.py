@@ -1,6 +1,7 @@
 """data.py tests: the ImageFolder dataset (resize / crop, 16-bit grayscale PNGs, unreadable files
-and the pre-scan that drops them, also through encode.py), the encoded format's errors
-(missing, truncated, inconsistent memmaps; invalid or incomplete meta.json; foreign files),
+and the pre-scan that drops them, also through encode.py), the encoded format (values written
+== values read, float16 and int8 latents, meta.json; missing, truncated, inconsistent memmaps;
+invalid or incomplete meta.json; foreign files),
 encode.py resuming an interrupted encoding block by block, and save_grid's atomic write (a
 failing writer leaves the previous PNG as it was)."""
 
@@ -17,7 +18,8 @@ sys.path.insert(0, ROOT)
 
 from support import data  # noqa: E402
 from support.encode import block_layout, encode_split, rank_blocks  # noqa: E402
-from helpers import class_images, make_encoded, make_image_folder, make_tokenizer_ckpt  # noqa: E402
+from helpers import class_images, make_encoded, make_image_folder, make_tokenizer_ckpt, naive_codes  # noqa: E402
+import tokenizer as tk  # noqa: E402
 
 
 def test_image_folder_dataset_and_errors(tmp_path):
@@ -29,7 +31,7 @@ def test_image_folder_dataset_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.get_dataset("folder", "test", 16, str(tmp_path))
     (tmp_path / "empty" / "c").mkdir(parents=True)
-    with pytest.raises(ValueError, match="has no images"):
+    with pytest.raises(ValueError, match=r"class folder\(s\) \[.c.\] hold no images"):
         data.get_dataset("folder", "empty", 16, str(tmp_path))
     (tmp_path / "train" / "a" / "broken.JPEG").write_bytes(b"not a jpeg")
     ds, _, _ = data.get_dataset("folder", "train", 16, str(tmp_path))
@@ -108,9 +110,62 @@ def _copy(src, dst):
 
 
 def test_load_encoded_round_trip(enc):
+    """What make_encoded's val split holds, value by value: the tokenizer's float16 latents of
+    the images, their l2 residual codes (naive float64 search), the labels, and meta.json."""
     meta, codes, latents, labels = data.load_encoded(enc[1])
-    assert codes.shape == (4, 4, 4, 2) and latents.shape == (4, 4, 4, 4) and labels.shape == (4,)
-    assert meta["complete"] is True and meta["classes"] == [0, 1, 2]
+    tok = tk.Tokenizer.from_checkpoint(enc[2])
+    x, y = class_images(4, seed=1)                               # make_encoded's val images
+    with torch.no_grad():
+        z = tok.encode_latents(x).half()                         # (4, 4, 4, 4): one batch, as encoded
+    assert latents.dtype == np.float16 and np.array_equal(np.asarray(latents), z.numpy())
+    assert codes.dtype == np.uint16 and codes.shape == (4, 4, 4, 2)
+    assert codes.reshape(-1, 2).tolist() == naive_codes(z.float().reshape(-1, 4), tok.codebooks)
+    assert labels.dtype == np.int64 and labels.tolist() == y.tolist()
+    want = {"codes_shape": [4, 4, 4, 2], "codes_dtype": "uint16", "latents_shape": [4, 4, 4, 4],
+            "latents_dtype": "float16", "labels_shape": [4], "labels_dtype": "int64",
+            "codebook_size": 16, "levels": 2, "code_dim": 4, "metric": "l2", "shared_codebook": False,
+            "image_size": 8, "dataset": "synthetic", "data_root": "", "split": "val", "num_classes": 3,
+            "classes": [0, 1, 2], "tokenizer_fingerprint": tok.fingerprint(),
+            "tokenizer_ckpt": os.path.join("..", "tok.pt"), "tokenizer_iter": 3,
+            "stored_code_flips": 0.0, "complete": True}
+    assert meta == want
+
+
+@pytest.mark.parametrize("latents_dtype", ["float16", "int8"])
+def test_encoded_format_round_trip(tmp_path, latents_dtype):
+    """create_encoded / open_encoded / finish_encoded, then load_encoded: every value written is
+    read back (int8: payload x scale, multiplied here in float32), and meta.json is what was
+    written plus complete=True; a re-finish keeps the measured code flips."""
+    rng = np.random.default_rng(0)
+    n, g, L, D, K = 5, 3, 2, 4, 70000                        # K > 65536: int32 codes
+    meta = data.encoded_meta(n, g, L, D, K, latents_dtype, metric="dot", num_classes=7,
+                             classes=list("abcdefg"), split="val")
+    d = str(tmp_path / "enc")
+    data.create_encoded(d, meta)
+    assert json.load(open(os.path.join(d, "meta.json"))) == {**meta, "complete": False}
+    arr = data.open_encoded(d, meta)
+    codes = rng.integers(0, K, (n, g, g, L)).astype(np.int32)
+    labels = rng.integers(0, 7, n).astype(np.int64)
+    if latents_dtype == "int8":
+        payload = rng.integers(-127, 128, (n, g, g, D)).astype(np.int8)
+        scale = rng.random((n, g, g, 1)).astype(np.float16)
+        arr["latents"][:], arr["latents_scale"][:] = payload, scale
+        want_z = payload.astype(np.float32) * scale.astype(np.float32)
+    else:
+        want_z = rng.standard_normal((n, g, g, D)).astype(np.float16)
+        arr["latents"][:] = want_z
+    arr["codes"][:], arr["labels"][:] = codes, labels
+    for a in arr.values():
+        a.flush()
+    data.finish_encoded(d, {**meta, "stored_code_flips": 0.25})
+    got_meta, got_codes, got_z, got_labels = data.load_encoded(d)
+    assert got_meta == {**meta, "stored_code_flips": 0.25, "complete": True}
+    assert got_codes.dtype == np.int32 and np.array_equal(got_codes, codes)
+    assert np.array_equal(got_labels, labels)
+    assert got_z.shape == (n, g, g, D) and np.array_equal(got_z[:], want_z)
+    assert np.array_equal(got_z[2:4], want_z[2:4]) and np.array_equal(got_z[[4, 0]], want_z[[4, 0]])
+    data.finish_encoded(d, meta)                             # a re-run that found it done
+    assert data.load_encoded(d)[0]["stored_code_flips"] == 0.25
 
 
 def test_load_encoded_missing_and_truncated_files(enc, tmp_path):
@@ -348,3 +403,174 @@ def test_save_grid_failure_keeps_the_previous_file(tmp_path, monkeypatch):
         data.save_grid(torch.rand(4, 1, 4, 4) * 2 - 1, path, nrow=2)
     assert written and written[0] != path                      # it wrote somewhere else first
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["g.png"]
+
+
+# -----------------------------------------------------------------------------
+# hostile inputs: odd image folders, a busy or full encode_dir, NaN / out-of-range rows
+
+
+def _write_image(path, fmt=None):
+    from PIL import Image
+    Image.fromarray(np.full((10, 12, 3), 128, np.uint8)).save(path, format=fmt)
+
+
+def test_image_folder_opens_every_pillow_format_any_case_and_ignores_hidden(tmp_path, capsys):
+    """.webp / .bmp / .tif / .JPG beside PNGs are images; .thumbnails/ and .DS_Store are not data
+    (a hidden class would shift every label); other files are skipped with a count."""
+    make_image_folder(tmp_path)
+    a = tmp_path / "train" / "a"
+    for name, fmt in [("w.webp", "WEBP"), ("m.bmp", "BMP"), ("t.tif", "TIFF"), ("t2.TIFF", "TIFF"),
+                      ("u.JPG", "JPEG"), ("v.Png", "PNG")]:
+        _write_image(a / name, fmt)
+    (a / ".DS_Store").write_bytes(b"\0")
+    (a / "notes.txt").write_text("x")
+    (a / "labels.csv").write_text("x")
+    (tmp_path / "train" / ".thumbnails").mkdir()
+    _write_image(tmp_path / "train" / ".thumbnails" / "0.png")
+    ds, n_cls, _ = data.get_dataset("folder", "train", 8, str(tmp_path))
+    assert ds.classes == ["a", "b"] and n_cls == 2                 # class order as before
+    names = [os.path.basename(p) for p, y in ds.items if y == 0]
+    assert sorted(names) == sorted([f"{i}.png" for i in range(6)]
+                                   + ["w.webp", "m.bmp", "t.tif", "t2.TIFF", "u.JPG", "v.Png"])
+    assert [y for _, y in ds.items].count(1) == 6
+    assert all(ds[i][0].shape == (3, 8, 8) for i in range(len(ds)))
+    out = capsys.readouterr().out
+    assert "skipped 2 file(s) that are not images Pillow can open: 1 x .csv, 1 x .txt" in out
+
+
+def test_image_folder_empty_class_is_an_error_naming_it(tmp_path):
+    make_image_folder(tmp_path)
+    (tmp_path / "train" / "c").mkdir()
+    (tmp_path / "train" / "c" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['c'\] hold no images \(of 3 classes\)"):
+        data.get_dataset("folder", "train", 8, str(tmp_path))
+
+
+def test_unreadable_image_hint_names_an_option_of_the_running_script(tmp_path):
+    """The loader's default hint is right for every caller (train.py's images path has no
+    scan_images); encode.py passes its own."""
+    make_image_folder(tmp_path)
+    (tmp_path / "val" / "a" / "0.png").write_bytes(b"cut")
+    ds, _, _ = data.get_dataset("folder", "val", 8, str(tmp_path))
+    with pytest.raises(ValueError, match=r"0.png.*remove or replace the file \(train_tokenizer.py "
+                                         r"and encode.py skip unreadable images with --scan_images"):
+        ds[0]
+    ckpt = str(tmp_path / "ckpt.pt")
+    make_tokenizer_ckpt(ckpt, in_channels=3, source={"dataset": "folder", "data_root": str(tmp_path)})
+    with pytest.raises(ValueError, match=r"0.png.*\(pass --scan_images=True to find and skip"):
+        encode_split(ckpt, "val", str(tmp_path / "enc"))
+
+
+def test_dirlock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    import subprocess
+    from support.dirlock import DirInUseError, lock_dir
+    d = tmp_path / "run"
+    with lock_dir(str(d)):
+        assert f"pid {os.getpid()}" in (d / ".lock").read_text()
+        with pytest.raises(DirInUseError, match=rf"{d} is in use by another process \(pid "
+                                                rf"{os.getpid()}, started .*\): wait for it or use another directory"):
+            lock_dir(str(d))
+        # another process sees it too (flock is per open file, across processes)
+        code = ("import sys; sys.path.insert(0, sys.argv[2]); from support.dirlock import lock_dir\n"
+                "try:\n    lock_dir(sys.argv[1])\nexcept RuntimeError as e:\n    print(e)")
+        r = subprocess.run([sys.executable, "-c", code, str(d), ROOT], capture_output=True, text=True)
+        assert f"in use by another process (pid {os.getpid()}" in r.stdout, r.stderr
+    lock = lock_dir(str(d))                      # released: free again; the file stays
+    lock.release()
+    assert os.listdir(d) == [".lock"]
+
+
+def test_second_encode_of_a_busy_dir_stops_at_once_and_touches_nothing(tok, tmp_path):
+    from support.dirlock import DirInUseError, lock_dir
+    out = tmp_path / "enc"
+    _interrupted(tok, out)                        # a half-done encoding, as mid-way
+    before = {f: (out / f).read_bytes() for f in os.listdir(out) if os.path.isfile(out / f)}
+    ds = _Images(N)
+    with lock_dir(str(out)):                      # the first encode, still running
+        with pytest.raises(DirInUseError, match="is in use by another process"):
+            _encode(tok, out, ds, block_images=BLOCK)
+    assert ds.reads == 0 and len(os.listdir(out / "progress")) == 3
+    assert {f: (out / f).read_bytes() for f in before} == before
+    _encode(tok, out, _Images(N), block_images=BLOCK)   # the first one finishes cleanly
+    assert data.load_encoded(str(out))[0]["complete"] and not os.path.exists(out / "progress")
+
+
+def test_encode_progress_bar_reaches_100_percent(tok, tmp_path, capsys):
+    _encode(tok, tmp_path / "enc", _Images(N))          # 22 images in batches of 3: 8 batches
+    err = capsys.readouterr().err
+    assert "100%" in err and "8/8" in err and "7/8" not in err.split("\r")[-1]
+
+
+def test_full_disk_is_an_error_before_any_work_and_leaves_nothing(tok, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    ds = _Images(N)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    with pytest.raises(OSError, match=r"no space left on .*enc: need [\d,]+ bytes .*, have 100"):
+        _encode(tok, tmp_path / "enc", ds)
+    assert ds.reads == 0 and sorted(os.listdir(tmp_path / "enc")) == [".lock"]
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def full(fd, offset, length):                 # the check passed, the reservation fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no space left on .*enc: need [\d,]+ bytes"):
+        _encode(tok, tmp_path / "enc", ds)
+    assert ds.reads == 0 and sorted(os.listdir(tmp_path / "enc")) == [".lock"]
+
+
+def test_create_encoded_reserves_every_byte(tmp_path):
+    meta = data.encoded_meta(8192, 4, 2, 8, 16, "int8")      # latents: 1 MB, codes 512 KB, ...
+    data.create_encoded(str(tmp_path), meta)
+    for k in ("codes", "latents", "latents_scale", "labels"):
+        st = os.stat(tmp_path / f"{k}.npy")
+        assert st.st_size > 60_000 and st.st_blocks * 512 >= st.st_size, k   # allocated, not sparse
+
+
+def test_first_bad_row_vs_naive():
+    from support.latents import first_bad_row
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((50, 3, 2)).astype(np.float16)
+    assert first_bad_row(a, np.isfinite, chunk_bytes=7) is None
+    for rows in ([37], [49], [0, 20], [12, 13]):
+        b = a.copy()
+        for r in rows:
+            b[r, rng.integers(3), rng.integers(2)] = rng.choice([np.nan, np.inf, -np.inf])
+        naive = next(i for i in range(50) if not all(np.isfinite(v) for v in b[i].ravel()))
+        for chunk in (1, 7, 12 * 5, 1 << 20):       # a row per chunk, several, all at once
+            assert first_bad_row(b, np.isfinite, chunk_bytes=chunk) == naive == min(rows)
+
+
+@pytest.mark.parametrize("latents_dtype", ["float16", "int8"])
+def test_load_encoded_names_the_file_and_row_of_bad_values(tok, tmp_path, latents_dtype):
+    """NaN latents (int8: a NaN scale), codes >= K and labels out of range are found when the
+    split is opened, not as a NaN loss or an index error many steps later."""
+    good = tmp_path / "good"
+    _encode(tok, good, _Images(N), latents_dtype=latents_dtype)
+    data.load_encoded(str(good))
+    lat = "latents_scale" if latents_dtype == "int8" else "latents"
+    fin = r"finite values \(no NaN / inf\)"
+    cases = [(lat, (17, 2, 1, 0), np.nan, fin, r"\[nan\]"), (lat, (5, 0, 0, 0), np.inf, fin, r"\[inf\]"),
+             ("codes", (9, 1, 2, 1), 16, r"codes in \[0, 16\)", r"\[16\]"),
+             ("labels", (3,), -1, r"labels in \[0, 3\)", r"\[-1\]")]
+    for i, (name, where, value, want, found) in enumerate(cases):
+        d = _copy(good, tmp_path / f"bad{i}")
+        a = np.load(d / f"{name}.npy", mmap_mode="r+")
+        a[where] = value
+        a.flush()
+        del a
+        with pytest.raises(ValueError, match=rf"{d}/{name}.npy: expected {want}, row {where[0]} holds {found}"):
+            data.load_encoded(str(d))
+
+
+def test_nan_latents_while_encoding_are_an_error_naming_the_image(tok, tmp_path):
+    from support.on_the_fly import OnTheFlySplit
+    ds = _Images(N)
+    ds.x[14, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"latents of row 14 \(image 14\) are not finite"):
+        _encode(tok, tmp_path / "enc", ds)
+    split = OnTheFlySplit(tk.Tokenizer.from_checkpoint(str(tok)), ds)
+    split.codes[np.arange(0, 6)]
+    with pytest.raises(ValueError, match=r"latents of image 14 are not finite"):
+        split.codes[np.arange(12, 18)]

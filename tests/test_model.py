@@ -1,5 +1,5 @@
-"""Tests for model.py: causality, KV cache, MaskGIT masking/sampling, CFG, filtering, errors,
-FLOPs against an independent count.
+"""Tests for model.py (and its support/sampling.py): causality, the KV cache (one slot and blocks
+of slots), MaskGIT masking/sampling, CFG, filtering, errors, FLOPs against an independent count.
 
     .venv/bin/python -m pytest -q tests/test_model.py
 """
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as model_module  # noqa: E402
-from model import (GPT, GPTConfig, MODELS, cfg_combine, gumbel_noise, mask_fraction, sample_logits,  # noqa: E402
-                   top_k_top_p_filter)
+from model import GPT, GPTConfig, KVCache, MODELS, mask_fraction  # noqa: E402
+from support.sampling import cfg_combine, gumbel_noise, sample_logits, top_k_top_p_filter  # noqa: E402
 
 K, L, H, W, NC = 37, 2, 3, 2, 5
 T = H * W * L
@@ -72,17 +72,45 @@ def test_ar_accepts_grid_shaped_codes():
 
 
 def test_kv_cache_logits_match_full_forward():
-    from model import KVCache
-
     model = make("ar")
     labels = torch.tensor([0, 3, 4])
     codes = rand_codes(3, seed=5)
     full = model(codes, labels)
     cache, prev = KVCache(model.config.n_layer, T), None
     for t in range(T):
-        step = model.head(model._ar_step(prev, labels, cache))
-        torch.testing.assert_close(step, full[:, t], rtol=0, atol=1e-10)
-        prev = codes[:, t]
+        step = model.head(model._ar_step(labels, prev, cache))
+        assert step.shape == (3, 1, K)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-10)
+        prev = codes[:, t : t + 1]
+
+
+@pytest.mark.parametrize("chunks", [[T], [1, 3, 2, 1, 5], [4, 4, 4], [2, 1, 9]])
+def test_kv_cache_blocks_of_slots_match_full_causal_forward(chunks):
+    """Slots fed to the cache a block at a time (a prefix, then several at once) attend causally
+    within the block, so every slot's hidden state equals the full causal forward's (float64)."""
+    model = make("ar")
+    labels, codes = torch.tensor([1, 0, 4]), rand_codes(3, seed=6)
+    full = model._hidden(codes, labels)                                  # (B, T, C)
+    seen = []  # the blocks' input (B, T, C): class slot, then tokens, plus slot embeddings
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model._hidden(codes, labels)
+    hook.remove()
+    # the blocks alone, fed their full-forward input a block of slots at a time
+    cache, a, out = KVCache(model.config.n_layer, T), 0, []
+    for n in chunks:
+        x = seen[0][:, a : a + n]
+        for block in model.blocks:
+            x = block(x, cache)
+        cache.pos += n
+        out.append(model.ln_f(x))
+        a += n
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-12)
+    # the same through the sampler's entry point: slot 0 holds the class, slot t token t - 1
+    cache, a, out = KVCache(model.config.n_layer, T), 0, []
+    for n in chunks:
+        out.append(model._ar_step(labels, codes[:, max(a - 1, 0) : a + n - 1] if a + n > 1 else None, cache))
+        a += n
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=0, atol=1e-12)
 
 
 def naive_ar_generate(model, labels, cfg_scale, temperature, top_k, top_p, generator):
@@ -539,8 +567,6 @@ def test_memmap_dtypes_and_return_hidden():
 
 
 def test_gumbel_noise_statistics():
-    from model import gumbel_noise
-
     g = gumbel_noise((200_000,), torch.Generator().manual_seed(0))
     assert torch.isfinite(g).all()
     assert abs(g.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni

@@ -1,4 +1,4 @@
-"""Pretrained tokenizers (pretrained.py): module layout vs the upstream releases, forward pass vs
+"""Pretrained tokenizers (pretrained_arch.py, pretrained.py): module layout vs the upstream releases, forward pass vs
 a functional float64 reference written from the key layout, codes = argmin of the metric, the
 upstream checkpoint containers (IBQ Lightning with model_ema.*, LlamaGen model / ema, bare state
 dicts), EMA selection, the safe reader, and bad inputs. Full-size encode / decode: `-m slow`."""
@@ -16,19 +16,23 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from support import bench_pretrained as B  # noqa: E402
+from support import latents as LT  # noqa: E402
 from support import pretrained as P  # noqa: E402
+from support import pretrained_arch as A  # noqa: E402
+from support import views as V  # noqa: E402
 
 
 def tiny(family, **kw):
     # attention at different levels in encoder and decoder: catches a decoder run in the wrong order
     base = dict(family=family, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, enc_attn=(1,),
                 dec_attn=(0,), z_channels=32, code_dim=8, codebook_size=64)
-    return P.PretrainedConfig(**{**base, **kw})
+    return A.PretrainedConfig(**{**base, **kw})
 
 
 def random_model(cfg, seed=0):
     torch.manual_seed(seed)
-    m = P.PretrainedTokenizer(cfg)
+    m = A.PretrainedTokenizer(cfg)
     with torch.no_grad():  # non-trivial norms and biases, so a skipped op changes the output
         for n, p in m.named_parameters():
             p.copy_(torch.randn_like(p) * (0.1 if "norm" in n else 1.0) + (1.0 if "norm" in n and
@@ -60,7 +64,7 @@ UPSTREAM_LAYOUT = {
 @pytest.mark.parametrize("name", sorted(UPSTREAM_LAYOUT))
 def test_full_size_layout_matches_upstream(name):
     with torch.device("meta"):
-        m = P.PretrainedTokenizer(P.PretrainedConfig(**P.PRETRAINED[name]))
+        m = A.PretrainedTokenizer(A.PretrainedConfig(**A.PRETRAINED[name]))
     assert layout_of(m.state_dict()) == UPSTREAM_LAYOUT[name]
     assert P.infer_config(m.config.family, m.state_dict()) == m.config  # sizes read back from shapes
 
@@ -218,7 +222,7 @@ def test_ema_loaded_when_complete_else_main(tmp_path, capsys, family, make):
         prints.append(out)
         assert tok.weights == which and says in out, out
         assert same_weights(tok, want)
-        assert tok.config == tiny(family) and tok.metric == P.FAMILY_METRIC[family]
+        assert tok.config == tiny(family) and tok.metric == A.FAMILY_METRIC[family]
     assert P.load_pretrained(str(tmp_path / "0.ckpt"), image_size=8).fingerprint() == ema.fingerprint() \
         != main.fingerprint()
     if family == "llamagen":  # the argparse.Namespace in the file: read as a placeholder, said so
@@ -230,7 +234,7 @@ def test_bare_state_dict_and_emu_style_wrapper(tmp_path):
     for i, ck in enumerate([m.state_dict(), {"state_dict": m.state_dict()}]):
         torch.save(ck, tmp_path / f"{i}.ckpt")
         tok = P.load_any_tokenizer(str(tmp_path / f"{i}.ckpt"), image_size=8, verbose=False)
-        assert isinstance(tok, P.PretrainedTokenizer) and tok.weights == "main" and same_weights(tok, m)
+        assert isinstance(tok, A.PretrainedTokenizer) and tok.weights == "main" and same_weights(tok, m)
 
 
 def test_loader_errors(tmp_path):
@@ -238,7 +242,8 @@ def test_loader_errors(tmp_path):
     sd = dict(m.state_dict())
     cases = {"extra": ({**sd, "encoder.bridge.weight": torch.zeros(2)}, "keys this ibq architecture"),
              "missing": ({k: v for k, v in sd.items() if k != "decoder.conv_out.bias"}, "lacks 1 of"),
-             "shape": ({**sd, "decoder.conv_out.bias": torch.zeros(4)}, "shapes differ"),
+             "shape": ({**sd, "decoder.conv_out.bias": torch.zeros(4)},
+                           r"shape: tensor 'decoder.conv_out.bias' has shape \(4,\), expected \(3,\)"),
              "foreign": ({"encoder.conv_in.weight": torch.zeros(1)}, "neither IBQ"),
              "container": ({"weights": sd}, "expected an IBQ Lightning checkpoint")}
     for name, (ck, msg) in cases.items():
@@ -247,6 +252,36 @@ def test_loader_errors(tmp_path):
             P.load_pretrained(str(tmp_path / name), verbose=False)
     with pytest.raises(FileNotFoundError):
         P.load_pretrained(str(tmp_path / "nope.ckpt"))
+
+
+def test_non_finite_weights_and_missing_tensors_name_file_and_key(tmp_path, capsys):
+    m = random_model(tiny("ibq"))
+    sd = dict(m.state_dict())
+    sd["quantize.embedding.weight"] = sd["quantize.embedding.weight"].clone()
+    sd["quantize.embedding.weight"][3, 0] = float("inf")
+    torch.save({"state_dict": sd}, tmp_path / "nan.ckpt")
+    with pytest.raises(ValueError, match=r"nan.ckpt: tensor 'quantize.embedding.weight' .* holds 1 "
+                                         r"non-finite value\(s\)"):
+        P.open_tokenizer(str(tmp_path / "nan.ckpt"), image_size=16)
+    sd = {k: v for k, v in m.state_dict().items() if k != "encoder.conv_out.weight"}
+    torch.save({"state_dict": sd}, tmp_path / "cut.ckpt")
+    with pytest.raises(ValueError, match=r"cut.ckpt: a ibq state dict needs the tensor "
+                                         r"'encoder.conv_out.weight'"):
+        P.load_pretrained(str(tmp_path / "cut.ckpt"), verbose=False)
+    torch.save({"state_dict": dict(m.state_dict())}, tmp_path / "ok.ckpt")   # ch_mult (1, 2): factor 2
+    with pytest.raises(ValueError, match=r"ok.ckpt: the ibq architecture .* not supported: image_size "
+                                         r"must be divisible by downsample=2, got 7"):
+        P.load_pretrained(str(tmp_path / "ok.ckpt"), image_size=7, verbose=False)
+
+
+@pytest.mark.parametrize("name,source", [("imagenet256_262144.ckpt", "IBQ-Tokenizer-262144, the SEED-Voken"),
+                                         ("model.ckpt", "Emu3.5-VisionTokenizer"),
+                                         ("vq_ds16_c2i.pt", "LlamaGen's VQ-16")])
+def test_missing_public_file_says_where_it_comes_from(tmp_path, name, source):
+    with pytest.raises(FileNotFoundError, match=rf"{name}' not found: {name} is the upstream name of {source}"):
+        P.open_tokenizer(str(tmp_path / name), image_size=256)
+    with pytest.raises(FileNotFoundError, match=r"not found: expected this repo's \(train_tokenizer.py"):
+        P.open_tokenizer(str(tmp_path / "mine.pt"))
 
 
 RAN = []
@@ -267,7 +302,8 @@ def test_read_checkpoint_never_runs_pickled_code(tmp_path, capsys):
     torch.save({"state_dict": {"w": torch.arange(3.0)}, "hparams": Payload()}, path)
     ck = P.read_checkpoint(path)
     assert RAN == [] and torch.equal(ck["state_dict"]["w"], torch.arange(3.0))
-    assert isinstance(ck["hparams"], P._Inert) and ck["hparams"].args == ("pwned",)
+    # an inert stand-in named after the pickled global, holding the arguments it was given
+    assert type(ck["hparams"]).pickled_as.endswith("_side_effect") and ck["hparams"].args == ("pwned",)
     assert "_side_effect" in capsys.readouterr().out
     torch.save({"d": Dictish(a=1)}, path)  # a dict subclass can't be stood in for: clear error
     with pytest.raises(ValueError, match="extract its weights once"):
@@ -294,9 +330,9 @@ def test_load_any_tokenizer_dispatches_repo_checkpoints(tmp_path):
 @pytest.mark.slow  # ~110M-parameter models on CPU: building, saving, loading, encoding, decoding
 @pytest.mark.parametrize("name,make", [("ibq-16384", ibq_lightning), ("llamagen-vq16", llamagen_ckpt)])
 def test_full_size_round_trip(tmp_path, name, make):
-    cfg = P.PretrainedConfig(**P.PRETRAINED[name])
+    cfg = A.PretrainedConfig(**A.PRETRAINED[name])
     torch.manual_seed(0)
-    main = P.PretrainedTokenizer(cfg).eval()
+    main = A.PretrainedTokenizer(cfg).eval()
     path = str(tmp_path / "full.ckpt")
     torch.save(make(main, main), path)
     tok = P.load_pretrained(path)
@@ -315,30 +351,30 @@ def test_pack_latents_int8_matches_naive_and_float8_error_bound():
     z = torch.randn(300, 256) * torch.rand(300, 1) * 5     # per-vector scales differ
     z[0] = 0                                               # a zero vector comes back as zeros
     z[1, 3] = 1e3                                          # an outlier sets its vector's scale
-    p, s = P.pack_latents(z, "int8")
+    p, s = LT.pack_latents(z, "int8")
     assert p.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (300, 1)
-    back = P.unpack_latents(p, s, "int8")
+    back = LT.unpack_latents(p, s, "int8")
     for i in (0, 1, 2, 299):                               # naive: python floats, fp16 scale
         v = z[i].tolist()
         si = float(torch.tensor(max(abs(a) for a in v) / 127).half())
         want = [max(-127, min(127, round(a / si))) * si if si > 0 else 0.0 for a in v]
         assert back[i].tolist() == pytest.approx(want, abs=1e-6)
     assert (back - z).abs().le(s.float() / 2 + 1e-5).all() and back[0].eq(0).all()
-    p8, s8 = P.pack_latents(z, "float8_e4m3")
+    p8, s8 = LT.pack_latents(z, "float8_e4m3")
     assert p8.dtype == torch.float8_e4m3fn
-    err = (P.unpack_latents(p8, s8, "float8_e4m3") - z).abs()
+    err = (LT.unpack_latents(p8, s8, "float8_e4m3") - z).abs()
     # 3 mantissa bits: relative error <= 2^-4 for normal values, 2^-10 * scale below 2^-6 * scale
     assert err.le(torch.maximum(z.abs() * 2 ** -4, s8.float() * 2 ** -10) * 1.001 + 1e-7).all()
     assert err.max() > 0 and not torch.isnan(err).any()
-    f16, none = P.pack_latents(z, "float16")
+    f16, none = LT.pack_latents(z, "float16")
     assert f16.dtype == torch.float16 and none is None
     with pytest.raises(ValueError, match="latent format must be one of"):
-        P.pack_latents(z, "int4")
+        LT.pack_latents(z, "int4")
 
 
 def test_ten_crop_order_and_views():
     x = torch.arange(2 * 3 * 7 * 9, dtype=torch.float).view(2, 3, 7, 9)   # every pixel distinct
-    c = P.ten_crop(x, 4)
+    c = V.ten_crop(x, 4)
     assert c.shape == (2, 10, 3, 4, 4)
     assert torch.equal(c[:, 0], x[..., :4, :4]) and torch.equal(c[:, 3], x[..., 3:, 5:])
     assert torch.equal(c[:, 1], x[..., :4, 5:]) and torch.equal(c[:, 2], x[..., 3:, :4])
@@ -347,13 +383,13 @@ def test_ten_crop_order_and_views():
         want = c[:, m].flip(-1) if k != 9 else x.flip(-1)[..., 2:6, 2:6]  # same offsets, mirrored
         assert torch.equal(c[:, k], want), k
     img = torch.randn(2, 3, 281, 281)
-    assert P.crop_size("tencrop", 256) == 281 and P.augment_views(img, "tencrop", 256).shape == (2, 10, 3, 256, 256)
-    v = P.augment_views(img[..., :256, :256], "flip", 256)
+    assert V.crop_size("tencrop", 256) == 281 and V.augment_views(img, "tencrop", 256).shape == (2, 10, 3, 256, 256)
+    v = V.augment_views(img[..., :256, :256], "flip", 256)
     assert v.shape == (2, 2, 3, 256, 256) and torch.equal(v[:, 1], img[..., :256, :256].flip(-1))
     with pytest.raises(ValueError, match="center-cropped to 281"):
-        P.augment_views(img[..., :256, :256], "tencrop", 256)
+        V.augment_views(img[..., :256, :256], "tencrop", 256)
     with pytest.raises(ValueError, match="augment must be one of"):
-        P.augment_views(img, "rot90", 256)
+        V.augment_views(img, "rot90", 256)
 
 
 def test_center_crop_arr_is_centered_and_sized():
@@ -361,24 +397,39 @@ def test_center_crop_arr_is_centered_and_sized():
     import numpy as np
     a = np.zeros((600, 1000, 3), np.uint8)
     a[:, 500:] = 255                        # right half white: the crop's middle column is the edge
-    out = np.asarray(P.center_crop_arr(Image.fromarray(a), 64))
+    out = np.asarray(V.center_crop_arr(Image.fromarray(a), 64))
     assert out.shape == (64, 64, 3)
     assert out[:, :30].max() < 10 and out[:, 34:].min() > 245
-    small = P.center_crop_arr(Image.fromarray(a[:50, :80]), 64)          # upscaled: short side 64
+    small = V.center_crop_arr(Image.fromarray(a[:50, :80]), 64)          # upscaled: short side 64
     assert small.size == (64, 64)
 
 
-def test_tau_for_perplexity_and_storage_error_vs_naive():
+def test_storage_error_vs_naive():
     torch.manual_seed(0)
     z, C = torch.randn(40, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
-    tau = P.tau_for_perplexity(z, C, 7.0)
+    tau = 2.5
     q = torch.softmax(z @ C.t() / tau, -1)                      # dot: -d / tau = z.c / tau
-    assert torch.exp(-(q * q.log()).sum(-1)).mean().item() == pytest.approx(7.0, rel=1e-3)
-    mean, mx = P.storage_error(z, C, tau, "int8")
-    z8 = P.unpack_latents(*P.pack_latents(z, "int8"), "int8").double()
+    mean, mx = B.storage_error(z, C, tau, "int8")
+    z8 = LT.unpack_latents(*LT.pack_latents(z, "int8"), "int8").double()
     tv = 0.5 * (q - torch.softmax(z8 @ C.t() / tau, -1)).abs().sum(-1)
     assert mean == pytest.approx(tv.mean().item(), rel=1e-4) and mx == pytest.approx(tv.max().item(), rel=1e-4)
-    assert 0 < mean < mx and P.storage_error(z.float(), C.float(), tau, "float32") == (0.0, 0.0)
+    assert 0 < mean < mx and B.storage_error(z.float(), C.float(), tau, "float32") == (0.0, 0.0)
+
+
+def test_bench_script_runs_with_its_options():
+    """`python -m support.bench_pretrained` with the storage table only, small sizes: one row per
+    format, one TV column per perplexity, and the yardstick row."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "support.bench_pretrained", "--names=()", "--rows=64",
+                          "--codebook_size=128", "--code_dim=16", "--perplexities=(3.0, 30.0)",
+                          "--formats=('float16', 'int8')"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    assert "TV@ppl3 (mean/max)" in out.stdout and "TV@ppl30 (mean/max)" in out.stdout
+    assert rows["float16"].split()[1:3] == ["32", "8.0"]       # D = 16 x 2 bytes; 256 tokens: 8 KB
+    assert rows["int8"].split()[1:3] == ["18", "4.5"]          # 16 x 1 byte + a float16 scale
+    assert "tau -> 1.1 tau (yardstick)" in out.stdout
 
 
 def test_code_flips_counts_changed_nearest_codes():
@@ -386,5 +437,5 @@ def test_code_flips_counts_changed_nearest_codes():
     z = torch.tensor([[1.0, 0.999], [1.0, 0.5], [0.2, 1.0], [0.999, 1.0]])  # near-ties on rows 0, 3
     # int8 keeps 1.0 and rounds 0.999 * 127 = 126.87 up to 127: both near-ties become exact ties,
     # which the search breaks to code 0; row 0 keeps code 0, row 3 flips from code 1
-    assert P.code_flips(z, C, "int8") == pytest.approx(0.25)
-    assert P.code_flips(z, C, "float16") == 0.0
+    assert B.code_flips(z, C, "int8") == pytest.approx(0.25)
+    assert B.code_flips(z, C, "float16") == 0.0

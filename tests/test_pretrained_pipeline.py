@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from support import data  # noqa: E402
 from support import pretrained as P  # noqa: E402
+from support import views as V  # noqa: E402
 from support.common import read_jsonl  # noqa: E402
 from support.encode import encode_split  # noqa: E402
 from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
@@ -58,13 +59,13 @@ def test_smoke_encode_train_sample(tmp_path, capsys, family, latents_dtype, augm
                          augment=augment if s == "train" else "none") for s in ("train", "val")]
     assert "loaded the EMA weights" in capsys.readouterr().out
     meta, codes, latents, labels = data.load_encoded(dirs[0])
-    views = P.AUGMENTS[augment]
+    views = V.AUGMENTS[augment]
     assert (meta["tokenizer_kind"], meta["tokenizer_weights"], meta["latents_dtype"]) == (family, "ema", latents_dtype)
     assert meta["tokenizer_fingerprint"] == ema.fingerprint() and meta["classes"] == ["a", "b"]
     assert meta.get("views", 1) == views and codes.shape == (12 * views, 4, 4, 1)
     # rows are the tokenizer's own latents and codes of each view, labels repeated
     x, y = folder_images(imgs, "train")
-    x = P.augment_views(x, augment, 8).flatten(0, 1)
+    x = V.augment_views(x, augment, 8).flatten(0, 1)
     z, want = ema.encode(x)
     stored = torch.from_numpy(np.array(latents[:])).float()
     bound = z.abs().amax(-1, keepdim=True) / 127 / 2 * 1.01 + 1e-6 if latents_dtype == "int8" else z.abs() * 2 ** -11 + 1e-7
@@ -133,14 +134,14 @@ def test_tencrop_rows_are_the_ten_views(tmp_path):
     image i (float16 latents of tokenizer.encode_latents on ten_crop), labels repeated."""
     ckpt = str(tmp_path / "tok.pt")
     tok = make_tokenizer_ckpt(ckpt, image_size=16)
-    S = P.crop_size("tencrop", 16)
+    S = V.crop_size("tencrop", 16)
     assert S == 17
     x, y = torch.rand(3, 1, S, S) * 2 - 1, torch.tensor([2, 0, 1])
     out = encode_split(ckpt, "train", str(tmp_path / "enc"), augment="tencrop",
                        dataset=(torch.utils.data.TensorDataset(x, y), [0, 1, 2]))
     meta, codes, latents, labels = data.load_encoded(out)
     assert (meta["augment"], meta["views"], latents.shape[0]) == ("tencrop", 10, 30)
-    views = P.ten_crop(x, 16)   # (3, 10, 1, 16, 16)
+    views = V.ten_crop(x, 16)   # (3, 10, 1, 16, 16)
     with torch.no_grad():
         want = tok.eval().encode_latents(views.flatten(0, 1)).half()
     assert np.array_equal(np.asarray(latents), want.numpy())
@@ -211,7 +212,7 @@ def test_imagenet_configs_and_their_commands_use_real_keys():
     assert commands >= 15
 
 
-@pytest.mark.slow  # a 2-process torchrun job: ~15 s on an idle 2-core machine
+@pytest.mark.slow  # a 2-process torchrun job
 def test_torchrun_encode_two_ranks_int8_flip(tmp_path):
     """encode.py's command line under torchrun (2 gloo ranks) with a pretrained file, int8 latents
     and flip views equals the 1-process encoding, and the code flips are summed over both ranks."""

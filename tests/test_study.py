@@ -1,5 +1,5 @@
-"""study.py: the plan, resumability decisions, steps-to-target and the table from hand-made run
-logs, the k-th nearest code against a naive sort, the premise numbers against a direct decode,
+"""support/study.py and support/study_report.py: the plan, resumability decisions, steps-to-target
+and the table from hand-made run logs, the k-th nearest code against a naive sort, the premise numbers against a direct decode,
 argument errors, and (slow) the driver end to end on a tiny tokenizer with a random classifier
 and a fake Inception (train.py and sample.py run as subprocesses, as in a real study)."""
 
@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from support import data  # noqa: E402
 from support import mnist_classifier as mc  # noqa: E402
 from support import study  # noqa: E402
+from support import study_report  # noqa: E402
 from support.common import read_jsonl  # noqa: E402
 from support.encode import encode_split  # noqa: E402
 from helpers import make_tokenizer_ckpt  # noqa: E402
@@ -64,7 +65,7 @@ def test_plan_long_runs():
     assert by["k16384/snce_p25_2400_s0"][2:] == ("SNCE p=25, 2400 steps", 0, {
         "loss": "snce", "target_perplexity": 25.0, "max_iters": 2400})
     assert [n for n in by if "2400" in n] == ["k16384/ce_2400_s0", "k16384/snce_p25_2400_s0"]  # largest K only
-    assert [study.job_iters(by[n], 1200) for n in ("k16384/ce_2400_s0", "k16384/ce_s1")] == [2400, 1200]
+    assert [study_report.job_iters(by[n], 1200) for n in ("k16384/ce_2400_s0", "k16384/ce_s1")] == [2400, 1200]
     order = [j[0] for j in study.run_order(jobs, {1024: 5.0, 16384: 25.0})]
     assert order[-2:] == ["k16384/ce_2400_s0", "k16384/snce_p25_2400_s0"]  # after all of seed 1
     assert study.plan([16384], [0], {16384: 25.0}, [], [], [], [], 0, [0]) == study.plan(
@@ -133,22 +134,32 @@ def test_fid_step_replaces_its_own_leftover_npz(tmp_path, monkeypatch):
 
 def test_steps_to_and_seed_stats():
     its = np.array([0, 10, 20, 30])
-    assert study.steps_to(its, [5.0, 4.0, 3.0, 3.5], 3.0, False) == 20
-    assert study.steps_to(its, [5.0, 4.0, 3.9, 3.5], 3.0, False) is None
-    assert study.steps_to(its, [0.1, 0.5, 0.95, 0.9], 0.9, True) == 20
-    assert study.steps_to(its, [0.1, 0.5, 0.85, 0.8], 0.9, True) is None
-    its, m, lo, hi = study.seed_stats([{0: 1.0, 10: 2.0, 20: 5.0}, {0: 3.0, 10: 4.0}])
+    assert study_report.steps_to(its, [5.0, 4.0, 3.0, 3.5], 3.0, False) == 20
+    assert study_report.steps_to(its, [5.0, 4.0, 3.9, 3.5], 3.0, False) is None
+    assert study_report.steps_to(its, [0.1, 0.5, 0.95, 0.9], 0.9, True) == 20
+    assert study_report.steps_to(its, [0.1, 0.5, 0.85, 0.8], 0.9, True) is None
+    its, m, lo, hi = study_report.seed_stats([{0: 1.0, 10: 2.0, 20: 5.0}, {0: 3.0, 10: 4.0}])
     assert its.tolist() == [0, 10] and m.tolist() == [2.0, 3.0] and lo.tolist() == [1.0, 2.0]
     assert hi.tolist() == [3.0, 4.0]
     a = {0: {"x": {8: 1.0}}, 1: {"x": {8: 2.0}}, 2: {"x": {4: 0.0}}}
     b = {0: {"x": {8: 1.5}}, 1: {"x": {8: 1.0}}, 3: {"x": {8: 9.0}}}
-    assert study.paired_delta(a, b, "x", 8).tolist() == [0.5, -1.0]  # seeds 0 and 1 only
+    assert study_report.paired_delta(a, b, "x", 8).tolist() == [0.5, -1.0]  # seeds 0 and 1 only
 
 
 def report_args(out, *extra):
+    """The report of a K = 64 study under out; the toy's metrics are read from out (a fixture, not
+    the repo's assets/toy_metrics.json, which `python toy.py --out_dir assets` rewrites)."""
     return ["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--ks", "64", "--iters", "8",
             "--evals", "2", "--seeds", "0", "1", "--ls_seeds", "0", "--perplexity", "4", "--sweep", "4",
-            "--maskgit_seeds", *extra]
+            "--toy_metrics", os.path.join(out, "toy_metrics.json"), "--maskgit_seeds", *extra]
+
+
+def write_toy_metrics(out):
+    """toy.py's metrics with a tau sweep: the sweep figure's last panel."""
+    with open(os.path.join(out, "toy_metrics.json"), "w") as f:
+        json.dump({"ce": {"nll": [21.0, 20.9], "tv": [0.87, 0.88]},
+                   "tau_sweep": {"0.1": {"nll": [7.0, 7.1], "tv": [0.18, 0.17]},
+                                 "0.5": {"nll": [7.1, 7.0], "tv": [0.25, 0.24]}}}, f)
 
 
 def test_report_numbers(tmp_path):
@@ -165,6 +176,7 @@ def test_report_numbers(tmp_path):
                                                                                                   8: 0.3},
                                              "sample_fld": {0: 900.0, 4: 300.0, 8: 200.0}})
     write_log(os.path.join(k, "ls0.1_s1"), {"val_nll": {0: 9.0}})  # not in the plan (ls_seeds 0)
+    write_toy_metrics(out)  # one perplexity here: the sweep figure is drawn for the toy's tau sweep
     text = study.main(report_args(out))
     rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
             for r in text.splitlines() if r.startswith("| ") and "---" not in r}
@@ -196,6 +208,8 @@ def test_report_leaves_out_unfinished_runs(tmp_path):
     write_log(os.path.join(k, "snce_p4_s0"), {"val_nll": {0: 9.0, 4: 3.0}})  # still training
     text = study.main(report_args(out))
     assert "| CE | 2 | 4.500 ± 0.500 |" in text and "SNCE" not in text.split("|---")[-1]
+    # one perplexity and no toy metrics: nothing for the sweep figure
+    assert not os.path.exists(os.path.join(out, "assets", "study_sweep.png"))
     with pytest.raises(SystemExit, match="no finished runs"):
         study.main(report_args(str(tmp_path / "empty")))
 
@@ -280,7 +294,9 @@ def test_study_end_to_end(tmp_path):
     mc.save_classifier(mc.LeNet(), {"val_accuracy": 0.0}, clf)
     weights = os.path.join(root, "fake_inception.pt")
     torch.jit.save(torch.jit.script(FakeInception()), weights)
-    args = ["--out", out, "--assets", os.path.join(root, "assets"), "--ks", "64", "--iters", "4", "--evals", "2",
+    write_toy_metrics(root)
+    args = ["--out", out, "--assets", os.path.join(root, "assets"), "--toy_metrics", os.path.join(root, "toy_metrics.json"),
+            "--ks", "64", "--iters", "4", "--evals", "2",
             "--seeds", "0", "--ls_seeds", "0", "--perplexity", "4", "--sweep", "4", "--maskgit_seeds", "0",
             "--long_iters", "6", "--long_seeds", "0",
             "--eval_samples", "10", "--fid_samples", "6", "--fid_weights", weights, "--classifier", clf,
@@ -307,7 +323,10 @@ def test_study_end_to_end(tmp_path):
     assert "## Premise" in text and "val PSNR 10.00 dB" in text and "training tokens of the last steps 0.750" in text
     for png in ("delta", "curves", "grids", "sweep", "premise"):
         assert os.path.isfile(os.path.join(root, "assets", f"study_{png}.png"))
-    assert study.main(args) == text  # everything done: nothing re-run, the same report
+    # everything done: nothing re-run, the same report but for the compute line (the second
+    # invocation's own wall time is added to it)
+    again = study.main(args)
+    assert again.split("Compute: ")[0] == text.split("Compute: ")[0] and "Compute: " in again
     for n in names:
         d = os.path.join(out, "k64", n)
         assert open(os.path.join(d, "log.jsonl")).read() + open(os.path.join(d, "fid.jsonl")).read() == logs[n]
@@ -318,7 +337,7 @@ def test_table_compares_maskgit_with_maskgit_ce():
         return {0: {"val_nll": dict(zip([0, 4, 8], nll)), "sample_accuracy": {}, "sample_fld": {}}}
     objs = {"CE": runs([9.0, 3.0, 2.0]), "MaskGIT CE": runs([9.0, 6.0, 5.0]), "MaskGIT SNCE p=4": runs([9.0, 4.0, 3.0])}
     rows = {r.split(" | ")[0].strip("| "): [c.strip(" |") for c in r.split(" | ")]
-            for r in study.table(64, objs, 8).splitlines()[2:]}
+            for r in study_report.table(64, objs, 8).splitlines()[2:]}
     assert rows["MaskGIT SNCE p=4"][2:4] == ["3.000", "4"]  # reaches MaskGIT CE's 5.0 at 4, never AR CE's 2.0
     assert rows["MaskGIT CE"][2:4] == ["5.000", "8"] and rows["CE"][4] == "—"  # no accuracy logged
 
@@ -341,7 +360,7 @@ def test_clock_accumulates_across_invocations_and_beats(tmp_path):
     (out / "invocations" / "20261129-090000-2.seconds").write_text("40.0\n")
     (out / "k8" / "tokenizer").mkdir()
     (out / "k8" / "tokenizer" / "study.seconds").write_text("7.5\n")
-    wall, pieces = study.compute_seconds(str(out))
+    wall, pieces = study_report.compute_seconds(str(out))
     assert wall == 100.0 and pieces == pytest.approx(second + 7.5)  # invocations are not pieces
 
 

@@ -20,9 +20,10 @@ sys.path.insert(0, ROOT)
 
 from support import data  # noqa: E402
 import tokenizer as tk  # noqa: E402
+from support.tokenizer_eval import evaluate  # noqa: E402
 from support.common import resolve_path  # noqa: E402
 from support.encode import encode_split  # noqa: E402
-from helpers import make_image_folder, make_tokenizer_ckpt  # noqa: E402
+from helpers import make_image_folder, make_tokenizer_ckpt, naive_codes  # noqa: E402
 
 
 def tiny_cfg(**kw):
@@ -236,14 +237,14 @@ def test_evaluate_aggregation_vs_naive_one_pass():
     model.quantizer.books.normal_()
     x = torch.rand(10, 1, 16, 16) * 2 - 1
     ds = torch.utils.data.TensorDataset(x, torch.zeros(10, dtype=torch.long))
-    got, (x0, r0) = tk.evaluate(model, ds, batch_size=3, max_images=None)   # batches 3+3+3+1
+    got, (x0, r0) = evaluate(model, ds, batch_size=3, max_images=None)   # batches 3+3+3+1
     want = _naive_eval(model, x)
     for k in ("psnr", "latent_power", "images"):
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
     for k in ("qerr", "util", "ppl"):
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
     assert x0.shape == r0.shape == (3, 1, 16, 16) and model.training   # back in train mode
-    sub, _ = tk.evaluate(model, ds, batch_size=3, max_images=4)
+    sub, _ = evaluate(model, ds, batch_size=3, max_images=4)
     assert sub["images"] == 4 and sub["psnr"] != pytest.approx(want["psnr"], rel=1e-4)
 
 
@@ -292,6 +293,54 @@ def test_bad_checkpoints_refused_by_library_and_encode(tmp_path):
         assert not os.path.exists(tmp_path / "enc")  # nothing written
 
 
+def _edited_ckpt(tmp_path, name, edit):
+    """make_tokenizer_ckpt's file with edit(checkpoint dict) applied. -> its path."""
+    good = tmp_path / "good.pt"
+    make_tokenizer_ckpt(str(good))
+    ck = torch.load(good, weights_only=True)
+    edit(ck)
+    torch.save(ck, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_naming_file_and_key(tmp_path):
+    """One NaN in a codebook made every level-0 code that code, with no warning (its distances
+    are NaN): any non-finite weight is an error at load time, from the library and encode.py."""
+    ds = torch.utils.data.TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    for key, where in [("quantizer.books", (0, 5, 1)), ("encoder.0.weight", (0, 0, 1, 1))]:
+        def poison(ck):
+            ck["model"][key][where] = float("nan")
+        path = _edited_ckpt(tmp_path, f"nan_{key}.pt", poison)
+        msg = rf"{path}: tensor '{key}' .* holds 1 non-finite value\(s\) \(NaN / inf\)"
+        with pytest.raises(ValueError, match=msg):
+            tk.Tokenizer.from_checkpoint(path)
+        with pytest.raises(ValueError, match=msg):
+            encode_split(path, "val", str(tmp_path / "enc"), dataset=(ds, [0]))
+        assert not os.path.exists(tmp_path / "enc")
+
+
+def test_checkpoint_whose_config_and_weights_disagree_names_file_key_and_shapes(tmp_path):
+    def wrong_k(ck):
+        ck["model_config"]["codebook_size"] = 32         # the weights hold K = 16
+    path = _edited_ckpt(tmp_path, "k.pt", wrong_k)
+    with pytest.raises(ValueError, match=rf"{path}: tensor 'quantizer.books' has shape \(2, 16, 4\), "
+                                         r"expected \(2, 32, 4\) \(the model built from its model_config\)"):
+        tk.Tokenizer.from_checkpoint(path)
+
+    def extra_key(ck):
+        ck["model"]["decoder.extra"] = torch.zeros(1)
+        del ck["model"]["quantizer.initialized"]
+    path = _edited_ckpt(tmp_path, "keys.pt", extra_key)
+    with pytest.raises(ValueError, match=r"missing \['quantizer.initialized'\], unexpected \['decoder.extra'\]"):
+        tk.Tokenizer.from_checkpoint(path)
+
+    def unknown_option(ck):
+        ck["model_config"]["codebook_sise"] = 16
+    path = _edited_ckpt(tmp_path, "cfg.pt", unknown_option)
+    with pytest.raises(ValueError, match=rf"{path}: its model_config cannot build a tokenizer: .*codebook_sise"):
+        tk.Tokenizer.from_checkpoint(path)
+
+
 def _encode(ckpt, out, x, y, classes=(0, 1, 2), **kw):
     return encode_split(ckpt, "val", out, batch_size=4,
                         dataset=(torch.utils.data.TensorDataset(x, y), list(classes)), **kw)
@@ -310,8 +359,9 @@ def test_encode_memmap_round_trip_and_meta(tmp_path, capsys):
     assert meta["classes"] == ["a", "b", "c"] and meta["tokenizer_fingerprint"] == model.fingerprint()
     assert meta["tokenizer_ckpt"] == os.path.join("..", "tok", "ckpt.pt")   # relative: portable
     z = torch.from_numpy(np.array(latents)).float()
+    # the codes are the l2 residual codes of the stored (float16-rounded) latents
+    assert codes.reshape(-1, 3).tolist() == naive_codes(z.reshape(-1, 4), model.codebooks)
     with torch.no_grad():
-        assert torch.equal(model.quantize(z), torch.from_numpy(codes.astype(np.int64)))
         torch.testing.assert_close(z, model.encode_latents(x), atol=2e-3, rtol=1e-3)
     _encode(ckpt, out, x, y, classes=["a", "b", "c"])      # same encoding again: a no-op
     assert "nothing to do" in capsys.readouterr().out
@@ -446,7 +496,7 @@ def test_train_tokenizer_resume_refuses_bad_checkpoints(tmp_path, kind):
         run_script("support/train_tokenizer.py", *tiny_run_args(tmp_path, run, "--init_from=resume", "--max_iters=6"))
 
 
-@pytest.mark.slow  # three short training subprocesses: ~10 s on an idle 2-core machine
+@pytest.mark.slow  # three short training subprocesses
 def test_exact_resume(tmp_path):
     make_image_folder(tmp_path)
     run = lambda out, *a: subprocess.run(  # noqa: E731
@@ -491,7 +541,7 @@ def test_ddp_codebooks_stay_identical(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
 
 
-@pytest.mark.slow  # two 2-process torchrun jobs: ~40 s on an idle 2-core machine
+@pytest.mark.slow  # two 2-process torchrun jobs
 def test_torchrun_train_and_encode_two_ranks(tmp_path):
     """train_tokenizer.py and encode.py under torchrun (2 gloo ranks), with the image scan: ranks
     agree on the dropped file, eval covers every val image once, and the 2-rank encoding equals

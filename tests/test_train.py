@@ -65,7 +65,7 @@ def with_identity(enc, root, tok_ckpt=None):
 def base_args(enc, out_dir, **kw):
     args = dict(data_dir=enc[0], val_dir=enc[1], out_dir=out_dir, model_size="tiny", batch_size=8,
                 max_iters=4, eval_interval=2, warmup_iters=1, learning_rate=3e-3, grid_per_class=2,
-                log_interval=1, tau=1.0)
+                log_interval=1)
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -364,9 +364,9 @@ def test_bad_inputs_give_clear_errors(enc, tmp_path):
         y[1] = NUM_CLASSES
         return y
 
-    bad(r"expected codes in \[0, 16\).*max code 16",
+    bad(r"c/codes.npy: expected codes in \[0, 16\), row 0 holds \[16\]",  # data.load_encoded's checks
         data_dir=_copy_encoded(enc[0], str(tmp_path / "c"), codes=set_code))
-    bad(r"labels in \[0, 3\).*labels in \[0, 3\]",
+    bad(r"y/labels.npy: expected labels in \[0, 3\), row 1 holds \[3\]",
         data_dir=_copy_encoded(enc[0], str(tmp_path / "y"), labels=set_label))
     bad("missing meta.json", FileNotFoundError, data_dir=str(tmp_path))
     bad("inconsistent with meta.json",
@@ -424,7 +424,7 @@ def test_tokenizer_and_split_identity(enc, tmp_path):
     ck["model"] = {k: v + 0.01 if k.startswith("decoder") and v.is_floating_point() else v
                    for k, v in ck["model"].items()}  # same codebooks (codes reproduce), other decoder
     save_checkpoint(ck, other)
-    with pytest.raises(ValueError, match=f"tokenizer {other} vs {tr}/meta.json: the data was encoded by another"):
+    with pytest.raises(ValueError, match=f"tokenizer {other} is not the one {tr}/meta.json was encoded with"):
         run_train(base_args((tr, va, tok), os.path.join(root, "o1"), max_iters=0, tokenizer_ckpt=other))
 
     va2 = _copy_encoded(va, os.path.join(root, "va2"), meta_update={"tokenizer_fingerprint": "0" * 16})
@@ -440,7 +440,7 @@ def test_tokenizer_and_split_identity(enc, tmp_path):
     big = os.path.join(root, "k32.pt")
     save_checkpoint({"model": tk.Tokenizer(cfg).state_dict(), "model_config": asdict(cfg), "iter": 1,
                      "config": {"dataset": "synthetic", "data_root": ""}}, big)
-    with pytest.raises(ValueError, match=rf"tokenizer {big} vs {tr}/meta.json.*K=32.*K=16"):
+    with pytest.raises(ValueError, match=rf"tokenizer {big} \(K=32 L=2 D=4 grid 4\) does not fit the data {tr}/meta.json \(K=16"):
         run_train(base_args((tr, va, tok), os.path.join(root, "o4"), max_iters=0, tokenizer_ckpt=big))
 
 
@@ -467,3 +467,25 @@ def test_gap_scaled_taus_vs_naive(enc, tmp_path):
     for l, r in enumerate((r0, r1)):
         d = ((r[:, None] - books[l]) ** 2).sum(-1).sort(-1).values
         assert g["taus"][l] == pytest.approx(2.0 * (d[:, 1] - d[:, 0]).median().item(), rel=1e-4)
+
+
+def test_check_tokenizer_fits_shapes_fingerprint_and_older_files(enc, capsys):
+    """The one tokenizer check of train.py and sample.py: shapes first (D only where recorded),
+    then the content fingerprint; a source without one is checked on shapes, with a warning."""
+    from support.checks import check_tokenizer_fits
+    tok = tk.Tokenizer.from_checkpoint(enc[2])  # K=16 L=2 D=4, 4x4 grid
+    fp = fingerprint(tok.state_dict())
+    want = {"K": 16, "L": 2, "grid": (4, 4)}
+    assert check_tokenizer_fits(tok, "t.pt", "trained", "g.pt", want, fp, "fix") == fp
+    assert check_tokenizer_fits(tok, "t.pt", "encoded", "m.json", {**want, "D": 4}, fp, "fix") == fp
+    assert "warning" not in capsys.readouterr().out
+    assert check_tokenizer_fits(tok, "t.pt", "trained", "g.pt", want, None, "fix") == fp
+    assert "g.pt predates tokenizer fingerprints: only the shapes of t.pt were checked" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"tokenizer t.pt \(K=16 L=2 D=4 grid 4\) does not fit the data "
+                                         r"m.json \(K=16 L=2 D=8 grid 4x4\): fix"):
+        check_tokenizer_fits(tok, "t.pt", "encoded", "m.json", {**want, "D": 8}, fp, "fix")
+    with pytest.raises(ValueError, match=r"does not fit the generator g.pt \(K=16 L=2 grid 4x2\)"):
+        check_tokenizer_fits(tok, "t.pt", "trained", "g.pt", {**want, "grid": (4, 2)}, fp, "fix")
+    with pytest.raises(ValueError, match=r"tokenizer t.pt is not the one g.pt was trained with \(fingerprint "
+                                         rf"{fp}, expected 0+\): fix"):
+        check_tokenizer_fits(tok, "t.pt", "trained", "g.pt", want, "0" * 16, "fix")

@@ -1,5 +1,5 @@
 """train.py with data_source=images: each batch's images are encoded by the tokenizer as they are
-read (data.OnTheFlySplit), no memmaps. On a generated image folder and a tiny tokenizer (helpers):
+read (on_the_fly.OnTheFlySplit), no memmaps. On a generated image folder and a tiny tokenizer (helpers):
 the rows equal encode.py's (codes exactly, latents = the tokenizer's float32 ones, which encode.py
 stores rounded to float16), one encoding per batch, training equals training on an encoding of
 the same float32 latents, exact resume with random flips and prefetching workers, the flip

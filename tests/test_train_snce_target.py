@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tokenizer as tk  # noqa: E402
 from support.common import read_jsonl, save_checkpoint  # noqa: E402
+from support.snce_target import sample_rows  # noqa: E402
 from helpers import make_encoded  # noqa: E402
 from test_train import assert_same_run, base_args, run_train, weights  # noqa: E402
 
@@ -62,7 +63,7 @@ def check_stats(info, res, books, taus):
 @pytest.mark.parametrize("target", [3.0, 8.0])
 def test_calibrated_tau_reaches_target_and_is_stored(enc, tmp_path, target):
     out = str(tmp_path / "o")
-    g = run_train(base_args(enc, out, max_iters=0, tau=0.0, target_perplexity=target))
+    g = run_train(base_args(enc, out, max_iters=0, target_perplexity=target))
     info, N = weights(out)["q_info"], g["N"]
     assert info["rows"] == N * 16  # 48 images x 16 tokens < 4096 rows: every training image
     res, books = naive_residuals(g, np.arange(N))
@@ -93,9 +94,12 @@ def test_given_tau_statistics(enc, tmp_path, tau_scale):
 
 def test_fixed_sample_spreads_over_the_split(enc, tmp_path):
     g = run_train(base_args(enc, str(tmp_path / "o"), max_iters=0))
-    got = g["q_sample"](n_rows=150)  # ceil(150 / 16) = 10 images, evenly spaced over 48
+    rows = sample_rows(g["N"], 16, n_rows=150)  # ceil(150 / 16) = 10 images, evenly spaced over 48
     idx = [0, 5, 10, 16, 21, 26, 31, 37, 42, 47]
+    assert rows.tolist() == idx
+    got = g["get_batch"](g["codes_mm"], g["latents_mm"], g["labels_mm"], rows)[1].view(-1, 2, 4)
     torch.testing.assert_close(got.double(), naive_residuals(g, idx)[0], rtol=1e-5, atol=1e-6)
+    assert sample_rows(48, 16).tolist() == list(range(48))  # 4096 rows > 48 x 16: every image
 
 
 def test_softness_warnings(enc, tmp_path, capsys):
@@ -103,12 +107,12 @@ def test_softness_warnings(enc, tmp_path, capsys):
     assert "q is nearly uniform" in capsys.readouterr().out
     run_train(base_args(enc, str(tmp_path / "b"), max_iters=0, tau=1e-4))
     assert "q is nearly one-hot" in capsys.readouterr().out
-    run_train(base_args(enc, str(tmp_path / "c"), max_iters=0, tau=0.0, target_perplexity=3))
+    run_train(base_args(enc, str(tmp_path / "c"), max_iters=0, target_perplexity=3))
     assert "nearly" not in capsys.readouterr().out
 
 
 def test_resume_reuses_stored_taus(enc, tmp_path):
-    kw = dict(tau=0.0, target_perplexity=3.0, max_iters=4, lr_decay_iters=4, eval_interval=2, ema_decay=0.9)
+    kw = dict(target_perplexity=3.0, max_iters=4, lr_decay_iters=4, eval_interval=2, ema_decay=0.9)
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_train(base_args(enc, full, **kw))
     run_train(base_args(enc, part, **{**kw, "max_iters": 2}))
@@ -131,11 +135,31 @@ def test_resume_reuses_stored_taus(enc, tmp_path):
 
 def test_bad_target_settings(enc, tmp_path):
     out = str(tmp_path / "o")
-    for match, kw in ((r"target_perplexity=16.0: expected a value below K=16", dict(tau=0.0, target_perplexity=16)),
-                      (r"must be > 1 .*got 1.0", dict(tau=0.0, target_perplexity=1.0)),
+    for match, kw in ((r"target_perplexity=16.0: expected a value below K=16", dict(target_perplexity=16)),
+                      (r"target_perplexity=1.0: expected 0 \(use tau\) or a value > 1", dict(target_perplexity=1.0)),
                       (r"tau=0.5 and target_perplexity=4.0: give one", dict(tau=0.5, target_perplexity=4.0)),
-                      (r"tau_scale='gap' scales a given tau", dict(tau=0.0, target_perplexity=4.0, tau_scale="gap")),
+                      (r"tau=1.0 and target_perplexity=4.0: give one", dict(tau=1.0, target_perplexity=4.0)),
+                      (r"tau_scale='gap' scales a given tau", dict(target_perplexity=4.0, tau_scale="gap")),
+                      (r"tau=0.0: loss=snce needs a temperature tau > 0.*hard labels .* are --loss=ce", dict(tau=0.0)),
                       (r"'target_perplexity': expected a value in \[0, inf\)", dict(target_perplexity=-1.0))):
         with pytest.raises(ValueError, match=match):
             run_train(base_args(enc, out, max_iters=0, **kw))
         assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_resume_of_a_checkpoint_from_before_target_perplexity_was_a_switch(enc, tmp_path):
+    """Checkpoints without a stored target setting meant "calibrate" by tau = 0: resuming one with
+    the same perplexity reuses its taus, resuming one with a given tau and the old default
+    target_perplexity = 25 (then unused) reuses them too."""
+    for old_config, now in ((dict(tau=0.0, target_perplexity=3.0), dict(target_perplexity=3.0)),
+                            (dict(tau=0.7, target_perplexity=25.0), dict(tau=0.7))):
+        out = str(tmp_path / str(now))
+        run_train(base_args(enc, out, max_iters=1, **now))
+        ck_path = os.path.join(out, "ckpt.pt")
+        ck = torch.load(ck_path, weights_only=True)
+        del ck["target_setting"]
+        ck["config"].update(old_config)
+        ck["q_info"]["taus"] = [2 * t for t in ck["q_info"]["taus"]]  # reused, not recomputed
+        save_checkpoint(ck, ck_path)
+        g = run_train(base_args(enc, out, max_iters=2, init_from="resume", **now))
+        assert g["taus"] == ck["q_info"]["taus"] and not g["q_fresh"]

@@ -1,14 +1,13 @@
-# The study's generator (study.py sets loss / tau / label_smoothing / seed / out_dir per run):
+# The study's generator (study.py sets loss / target_perplexity / label_smoothing / seed / out_dir):
 # the AR "mini" transformer (4 layers, 128 wide) over config/study/tokenizer.py's codes
 # (T = 64 tokens, one level of K = 16,384), the same model, data, steps and seeds for every loss.
-#   python train.py config/study/train.py --loss=snce --tau=0.01 --out_dir=out/study/runs/x
+#   python train.py config/study/train.py --loss=snce --target_perplexity=95 --out_dir=out/study/runs/x
+#   python train.py config/study/train.py --loss=snce --target_perplexity=0 --tau=0.01 --out_dir=out/study/runs/y
 data_dir = "out/study/tokenizer/encoded_train"
 val_dir = "out/study/tokenizer/encoded_val"
 model_size = "mini"
 mode = "ar"
-# tau_scale stays "none" (the default): one level. SNCE's target: --tau=... in the tokenizer's own
-# units (as in the paper), or --target_perplexity=... (tau = 0, the default: tau calibrated at
-# startup so that the target spreads over that many codes on average; 25 unless given)
+target_perplexity = 25.0   # SNCE: tau calibrated so q spreads over this many codes on average (one level)
 batch_size = 32            # 32 x 64 = 2,048 tokens per step; 4,500 images = 140 steps per epoch
 max_iters = 400            # ~2.8 epochs
 learning_rate = 2e-3
@@ -20,6 +19,5 @@ eval_iters = 0             # the whole val split (500 digits, 32,000 tokens) at 
 log_interval = 10
 grid_per_class = 8
 grid_cfg_scale = 3.0
-grid_top_k = 10            # the evals' samples (and study.py's FID): cfg 3, top-k 10. Plain sampling
-                           # (T = 1, all K codes) scores far lower for every objective: K = 16,384
-                           # CE at step 1,200: 0.39 (1,000 samples) -> 0.74 (200); SNCE at step 1,050: 0.54 -> 0.89
+grid_top_k = 10            # the evals' samples (and study.py's FID): cfg 3, top-k 10; plain sampling
+                           # (all K codes) scores far lower for every objective (README.md's Results)
