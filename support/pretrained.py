@@ -25,7 +25,9 @@ import os
 import torch
 
 from support.common import load_checkpoint
+from support.implicit_arch import is_lfq_state, load_lfq
 from support.pretrained_arch import LAYOUTS, PretrainedConfig, PretrainedTokenizer
+from support.upstream_files import IGNORED_PREFIXES, read_checkpoint, select_weights
 from tokenizer import Tokenizer, check_state
 
 # the public files this loader reads, by their upstream file names: where each comes from
@@ -36,60 +38,22 @@ PUBLIC_FILES = {
     "model.ckpt": "Emu3.5-VisionTokenizer, the Emu3.5 project's (BAAI) release (its config.yaml "
                   "is not needed)",
     "vq_ds16_c2i.pt": "LlamaGen's VQ-16 tokenizer, the LlamaGen project's (FoundationVision) release",
+    **{name: f"Open-MAGVIT2's LFQ tokenizer ({what}), the SEED-Voken project's (TencentARC) release"
+       for name, what in (("imagenet_256_L.ckpt", "ImageNet 256 px, 2^18 codes"),
+                          ("imagenet_128_L.ckpt", "ImageNet 128 px, 2^18 codes"),
+                          ("pretrain256_262144.ckpt", "pretrained 256 px, 2^18 codes"),
+                          ("pretrain256_16384.ckpt", "pretrained 256 px, 2^14 codes"))},
 }
 
 # -----------------------------------------------------------------------------
 # reading upstream checkpoints
 
 
-def read_checkpoint(path, what="tokenizer checkpoint", verbose=True):
-    """torch.load with weights_only=True. Lightning / argparse objects pickled beside the weights
-    (hyper-parameters, loop state) are swapped for inert placeholder classes registered under
-    their names with torch.serialization.safe_globals: the file's own classes and functions are
-    never imported or called, so reading it cannot run code. An object the safe unpickler can't
-    stand in for (e.g. a dict subclass) is an error that says how to extract the weights."""
-    try:
-        return load_checkpoint(path, map_location="cpu", what=what)
-    except ValueError as e:
-        first = e
-    try:  # lists the GLOBALs the pickle references, without executing anything
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        raise first from None
-    if not names:
-        raise first
-    stubs = [(type(n.rsplit(".", 1)[-1], (_Inert,), {"pickled_as": n}), n) for n in names]
-    try:
-        with torch.serialization.safe_globals(stubs):
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{what} {path!r} pickles Python objects ({', '.join(names)}) that cannot be read "
-            f"safely ({type(e).__name__}: {str(e).splitlines()[0]}). If you trust the file, extract "
-            "its weights once: python -c \"import torch; ck = torch.load('IN', weights_only=False); "
-            "torch.save({k: ck[k] for k in ('state_dict', 'model', 'ema') if k in ck}, 'OUT')\"") from None
-    if verbose:
-        print(f"{path}: read with {len(names)} pickled Python type(s) left as inert placeholders "
-              f"(not needed, no code run): {', '.join(names)}")
-    return ck
-
-
-class _Inert:
-    """Stands in for a class or function pickled in a checkpoint: keeps the arguments and state
-    it is given, runs nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 def _layout(sd):
-    """-> "ibq" | "llamagen" | None, from the encoder's module names."""
+    """-> "ibq" | "llamagen" | "lfq" | None, from the encoder's module names (Open-MAGVIT2's LFQ
+    encoder shares IBQ's encoder.down.* names: told apart by is_lfq_state first)."""
+    if is_lfq_state(sd):
+        return "lfq"
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return "ibq"
     if "encoder.conv_blocks.0.res.0.conv1.weight" in sd:
@@ -120,40 +84,6 @@ def infer_config(family, sd, image_size=256):
         z_channels=sd["encoder.conv_out.weight"].shape[0], code_dim=D, codebook_size=K)
 
 
-# keys an upstream file holds beside the tokenizer's own: IBQ's loss modules (discriminator,
-# LPIPS) and EMA bookkeeping; LlamaGen's codebook-usage counter (training statistics)
-IGNORED_PREFIXES = {"ibq": ("loss.", "model_ema."), "llamagen": ("quantize.codebook_used",)}
-
-
-def select_weights(ck, names, family):
-    """-> (state dict over `names`, "ema" | "main", a sentence saying why). The EMA set when it is
-    complete: IBQ's `model_ema.<name without dots>` entries of the same state dict; LlamaGen's
-    "ema" entry. Otherwise the main weights."""
-    if "state_dict" in ck:   # Lightning (IBQ, and Emu3.5's file when wrapped)
-        main = ck["state_dict"]
-        flat = {n: "model_ema." + n.replace(".", "") for n in names}
-        if len(set(flat.values())) != len(flat):
-            raise ValueError("two parameter names collide once their dots are removed: cannot "
-                             "tell the EMA weights apart")
-        ema = {n: main[k] for n, k in flat.items() if k in main}
-        where = "model_ema.*"
-    elif "model" in ck:      # LlamaGen
-        main, src = ck["model"], ck.get("ema") or {}
-        ema = {n: src[n] for n in names if n in src}
-        where = '"ema"'
-    else:                    # a bare state dict
-        main, ema, where = ck, {}, ""
-    if len(ema) == len(names):
-        return ema, "ema", f"loaded the EMA weights ({where}, all {len(names)} tensors)"
-    missing = [n for n in names if n not in main]
-    if missing:
-        raise ValueError(f"{family} checkpoint lacks {len(missing)} of the {len(names)} tokenizer "
-                         f"tensors (e.g. {missing[:3]}); EMA set: {len(ema)} of {len(names)}")
-    why = (f"the EMA set is incomplete ({len(ema)} of {len(names)} tensors in {where})" if ema
-           else "the file has no EMA weights")
-    return {n: main[n] for n in names}, "main", f"loaded the main weights: {why}"
-
-
 def _main_state(ck, path):
     for key in ("state_dict", "model"):
         if isinstance(ck.get(key), dict):
@@ -171,6 +101,9 @@ def load_pretrained(path, device="cpu", image_size=256, verbose=True, ck=None):
     ck = read_checkpoint(path, verbose=verbose) if ck is None else ck
     main = _main_state(ck, path)
     family = _layout(main)
+    if family == "lfq":
+        raise ValueError(f"{path} is an Open-MAGVIT2 LFQ tokenizer: load it with open_tokenizer "
+                         "or support.implicit_arch.load_lfq")
     if family is None:
         raise ValueError(f"{path}: the state dict has neither IBQ's encoder.down.* nor LlamaGen's "
                          f"encoder.conv_blocks.* modules (first keys: {sorted(main)[:5]})")
@@ -203,7 +136,7 @@ def load_pretrained(path, device="cpu", image_size=256, verbose=True, ck=None):
 def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
     """A tokenizer checkpoint of any supported format -> (tokenizer, info). This repo's own
     (train_tokenizer.py's: a "model_config" entry) -> tokenizer.Tokenizer; anything else -> a
-    PretrainedTokenizer. info = {"kind": "repo" | "ibq" | "llamagen", "weights": "main" | "ema",
+    PretrainedTokenizer (LFQ: implicit_arch.LFQTokenizer). info = {"kind": "repo" | "ibq" | "llamagen" | "lfq", "weights": "main" | "ema",
     "config": the run config the file records ({} for pretrained files: dataset, data_root),
     "iter": its training iteration or None}. image_size: a pretrained file does not record it
     (256 for every public release), so it is required there; for a repo tokenizer it is checked
@@ -243,6 +176,9 @@ def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
         raise ValueError(f"{path} is a pretrained {family} tokenizer file, which does not record "
                          "the image size it was trained at: pass image_size (--image_size=256 for "
                          "the public ImageNet releases)")
+    if family == "lfq":
+        tok = load_lfq(path, device, image_size, verbose, ck=ck)
+        return tok, {"kind": "lfq", "weights": tok.weights, "config": {}, "iter": None}
     tok = load_pretrained(path, device, image_size, verbose, ck=ck)
     return tok, {"kind": tok.config.family, "weights": tok.weights, "config": {}, "iter": None}
 
