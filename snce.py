@@ -209,7 +209,7 @@ def _snce_pass(logits, tg, idx, chunk_size, row_scale, grad):
         scale = row_scale_of(row_scale, 0, rows, s) if grad is not None else None
         losses.append(tg.loss_and_grad(s, rows, tbuf, scale))
         if grad is not None:
-            grad[rows] = s
+            grad[rows] = s.to(grad.dtype)   # fp32 chunk math into the logits dtype (bf16)
     return torch.cat(losses)
 
 

@@ -1,22 +1,28 @@
 """
 Plumbing shared by the scripts (train_tokenizer.py, encode.py, train.py, sample.py): DDP and
 device setup, the learning-rate schedule, the data order, atomic files (checkpoints, logs, json,
-images, figures), run directories, portable paths. One place for each of these ideas; importing
-this module configures nothing. Config parsing (configure, check_range, ...) is support/config.py;
-its names are importable from here too.
+images, figures; a full disk is a clear error), run directories (one process each: dirlock.py),
+portable paths. One place for each of these ideas; importing this module configures nothing.
+Config parsing (configure, check_range, check_resume, ...) is support/config.py; its names are
+importable from here too.
 """
 
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
+import zipfile
 from contextlib import contextmanager, nullcontext, suppress
 
 import numpy as np
 import torch
 
-from support.config import check_choice, check_range, configure, warn_ignored  # noqa: F401 (re-exported)
+from support.config import (check_choice, check_range, check_resume, config_diff,  # noqa: F401 (re-exported)
+                            configure, warn_ignored)
+from support.dirlock import hold_dir
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -46,6 +52,15 @@ def setup_device(device, dtype="bfloat16"):
     if device_type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device (use --device=cpu)")
+        index = str(device)[4:]
+        if index:  # cuda:N is made the current device: synchronize() and the peak-memory
+            # statistics act on the current device, cuda:0 unless set
+            if not (index[0] == ":" and index[1:].isdigit()):
+                raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+            if int(index[1:]) >= torch.cuda.device_count():
+                raise ValueError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA "
+                                 f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+            torch.cuda.set_device(str(device))
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     elif str(device) != "cpu":
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -148,14 +163,32 @@ def _tmp_name(path):
     return f"{path}.tmp.{os.getpid()}"
 
 
+# what torch.save's C++ writer says when a write comes up short (it raises RuntimeError, not OSError)
+_SHORT_WRITE = ("unexpected pos", "file write failed", "failed writing")
+
+
+def _disk_full(e, path):
+    """-> an OSError(ENOSPC) saying where and how much is free if e is a write failure of a full
+    disk (or quota), else None."""
+    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            or isinstance(e, RuntimeError) and any(m in str(e) for m in _SHORT_WRITE)):
+        return None
+    d = os.path.dirname(os.path.abspath(path))
+    free = f"{shutil.disk_usage(d).free / 2**20:.1f} MiB free" if os.path.isdir(d) else "?"
+    return OSError(errno.ENOSPC, f"no space left on {d} ({free}) while writing {path}: nothing was "
+                   "written (an older version of the file is unchanged); free some space or write "
+                   "elsewhere")
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temp name beside path for a writer to fill (torch.save, PIL, matplotlib, np.savez
     on an open file); then it replaces path with os.replace, so a kill leaves the old or the new
     file, never a truncated one. If the writer raises, the temp file is removed and path is left
-    as it was. The temp name ends in .tmp.<pid> (clean_stale_tmp removes those a kill left, here
-    for this path first), not in path's extension: give writers that guess the format from the
-    name the format explicitly."""
+    as it was; a full disk is an OSError(ENOSPC) naming path and the free space. The temp name
+    ends in .tmp.<pid> (clean_stale_tmp removes those a kill left, here for this path first),
+    not in path's extension: give writers that guess the format from the name the format
+    explicitly."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     clean_stale_tmp(path)  # what a killed earlier writer of this file left
     tmp = _tmp_name(path)
@@ -163,9 +196,12 @@ def atomic_path(path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: no half-written temp file stays behind
+    except BaseException as e:  # KeyboardInterrupt too: no half-written temp file stays behind
         with suppress(FileNotFoundError):
             os.remove(tmp)
+        full = _disk_full(e, path)
+        if full:
+            raise full from e
         raise
 
 
@@ -198,40 +234,65 @@ def write_json(path, obj):
 
 
 def read_json(path, what="json file"):
-    """-> the parsed object; a missing or malformed file is a ValueError naming it."""
+    """-> the parsed JSON object (a dict); a missing or malformed file, or one that holds
+    something else than an object, is an error naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} not found")
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{what} {path!r} is not valid JSON ({e}); it may be truncated") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path!r}: expected a JSON object {{...}}, got a "
+                         f"{type(obj).__name__}: {json.dumps(obj)[:80]}")
+    return obj
 
 
 def read_jsonl(path):
-    """Records of a .jsonl log ([] if missing). A partial last line (a kill mid-append) is
-    dropped with a warning; a bad line elsewhere is an error naming the line."""
+    """Records of a .jsonl log ([] if missing): one JSON object per line, each with an integer
+    "iter" (log.jsonl, fid.jsonl). A partial last line (a kill mid-append) is dropped with a
+    warning; any other bad line is an error naming the file, the line and what was expected."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    out, want = [], 'expected one JSON object per line with an integer "iter", like {"iter": 0, ...}'
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
+            rec = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if i == len(lines) - 1:  # no newline after it: the append was cut short
-                print(f"warning: {path}: dropping a partial last line ({len(line)} chars)")
+                print(f"warning: {path}: dropping a partial last line ({len(raw)} bytes)")
                 continue
-            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e})") from e
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e}); {want}") from e
+        if isinstance(rec, dict) and type(rec.get("iter")) is int:
+            out.append(rec)
+            continue
+        got = (f"a {type(rec).__name__}" if not isinstance(rec, dict) else
+               f"\"iter\": {rec['iter']!r}" if "iter" in rec else "a record without \"iter\"")
+        raise ValueError(f"{path}, line {i + 1}: {want}; got {got}: {raw[:80].decode('utf-8', 'replace')}")
     return out
 
 
 def append_jsonl(path, rec):
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    """Append one record as one line. A failed write (a full disk) is cut back off the file, so
+    the log never ends in a half-written line, and raised as OSError(ENOSPC) naming path."""
+    line = (json.dumps(rec) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):  # a short write: the disk filled up
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            raise (_disk_full(e, path) or e) from e
+    finally:
+        os.close(fd)
 
 
 def rewrite_jsonl(path, records):
@@ -240,21 +301,47 @@ def rewrite_jsonl(path, records):
 
 
 def save_checkpoint(obj, path):
-    """torch.save through atomic_path: never a half-written checkpoint."""
+    """torch.save through atomic_path: never a half-written checkpoint (a full disk: the old one
+    stays, and the error says so)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
+def _check_crcs(path, what):
+    """One sequential read of a torch.save zip archive, checking every member's CRC-32 (torch.load
+    itself does not: altered bytes would load as altered weights). Non-zip files pass (torch.load
+    judges them)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.CRC == 0 and info.file_size:  # written without CRCs: nothing to compare
+                    continue
+                with z.open(info) as f:
+                    while f.read(1 << 24):  # the zip reader raises BadZipFile on a CRC mismatch
+                        pass
+    except zipfile.BadZipFile as e:
+        bad = f"member {info.filename} fails its CRC" if "CRC" in str(e) else f"{e}"
+        raise ValueError(f"{what} {path!r} is corrupt: {bad} (its bytes changed after it was "
+                         "written); restore it from a copy") from None
+    except (EOFError, OSError) as e:
+        raise ValueError(f"{what} {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "
+                         "restore it from a copy") from None
+
+
 def load_checkpoint(path, map_location="cpu", what="checkpoint"):
-    """Load with weights_only=True (a checkpoint can't run code); a missing, empty, truncated
-    or foreign file is an error that names it and says what was expected."""
+    """Load with weights_only=True (a checkpoint can't run code) after checking the archive's
+    CRCs; a missing, empty, truncated, altered or foreign file is an error that names it and says
+    what was expected."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} not found: fix the path, or train one first "
                                 "(train_tokenizer.py / train.py write out_dir/ckpt.pt)")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path!r} is empty (0 bytes): expected a torch.save file")
+    _check_crcs(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError / ...
         msg = str(e)
         if "weights_only" in msg or "Unpickler" in msg or "GLOBAL" in msg:
@@ -264,77 +351,74 @@ def load_checkpoint(path, map_location="cpu", what="checkpoint"):
         else:
             why = f"it is not a readable torch.save file (truncated or corrupt?): {type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
         raise ValueError(f"{what} {path!r}: {why}") from None
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stale_tmps(d, base=None):
-    """Paths in directory d named `{base}.tmp.<pid>` (any base if None) whose pid no longer runs."""
-    found = []
-    for name in os.listdir(d):
-        stem, sep, pid = name.rpartition(".tmp.")
-        if sep and stem and pid.isdigit() and base in (None, stem) and not _pid_alive(int(pid)):
-            found.append(os.path.join(d, name))
-    return found
-
-
-def _remove_all(paths):
-    for p in paths:
-        with suppress(FileNotFoundError):  # another process cleaning the same directory got it first
-            os.remove(p)
-    return paths
+    if not isinstance(ck, dict):
+        raise ValueError(f"{what} {path!r}: expected a dict of tensors and values (torch.save of a "
+                         f"dict), got a {type(ck).__name__}")
+    return ck
 
 
 def clean_stale_tmp(path):
-    """Remove `{path}.tmp.<pid>` files left by killed writers (atomic_path's temp files whose pid
-    no longer runs). Returns the removed paths."""
-    d, base = os.path.split(os.path.abspath(path))
-    return _remove_all(_stale_tmps(d, base)) if os.path.isdir(d) else []
+    """Remove what killed writers left: atomic_path's `<name>.tmp.<pid>` files whose pid no
+    longer runs, in directory `path` (every name) or, for a file path, of that file alone. A live
+    pid's temp file is kept: sample.py writes into a run directory without its lock, and two
+    samplers may fill one cache file. -> the removed paths."""
+    d, base = (path, None) if os.path.isdir(path) else os.path.split(os.path.abspath(path))
+    removed = []
+    for name in os.listdir(d) if os.path.isdir(d) else []:
+        stem, sep, pid = name.rpartition(".tmp.")
+        if not (sep and stem and pid.isdigit() and base in (None, stem)):
+            continue
+        try:
+            os.kill(int(pid), 0)  # no error: its writer still runs
+        except ProcessLookupError:  # no such process: a killed writer's
+            with suppress(FileNotFoundError):  # another process cleaning the directory got it first
+                os.remove(os.path.join(d, name))
+                removed.append(os.path.join(d, name))
+        except (PermissionError, OverflowError):  # another user's live process; not a pid
+            pass
+    return removed
 
 
-def clean_stale_tmp_dir(d):
-    """clean_stale_tmp for every file in directory d."""
-    return _remove_all(_stale_tmps(d)) if os.path.isdir(d) else []
-
-
-def prepare_run_dir(out_dir, init_from, run_files=("ckpt.pt", "log.jsonl")):
-    """A scratch run refuses a directory that already holds a run (never overwrite one); a
-    resume needs one. Leftover temp files of killed writers are removed either way, of every
-    file in the directory: a kill can hit any write (checkpoint, log, sample grid), and a grid's
-    name is not written again after a resume."""
-    if init_from not in ("scratch", "resume"):
-        raise ValueError(f"init_from: expected 'scratch' or 'resume', got {init_from!r}")
+def _lock_run_dir(out_dir, init_from, run_files):
+    """Rank 0's part of prepare_run_dir: the lock before the scratch check (so two runs never both
+    find the directory free), then the leftovers."""
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume" and not os.path.isfile(ckpt):  # before the lock makes out_dir
+        raise FileNotFoundError(f"init_from=resume: no checkpoint at {ckpt} (train with "
+                                "init_from=scratch first, or set out_dir to the run to continue)")
+    hold_dir(out_dir)
     found = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
     if init_from == "scratch" and found:
         raise FileExistsError(
             f"out_dir {out_dir!r} already holds a run ({', '.join(found)}): continue it with "
             f"--init_from=resume, choose another --out_dir, or delete {out_dir!r} to start over")
-    if init_from == "resume" and not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
-        raise FileNotFoundError(f"init_from=resume: no checkpoint at {os.path.join(out_dir, 'ckpt.pt')} "
-                                "(train with init_from=scratch first, or set out_dir to the run to continue)")
-    os.makedirs(out_dir, exist_ok=True)
-    for p in clean_stale_tmp_dir(out_dir):
+    for p in clean_stale_tmp(out_dir):
         print(f"removed {p} (left by a killed writer)")
 
 
-def config_diff(saved, now, keys):
-    """{key: (saved, now)} for the keys whose values differ (missing counts as None)."""
-    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
-
-
-def check_resume(path, diff, what="config"):
-    """Raise if a resume would continue a run with an incompatible config."""
-    if diff:
-        raise ValueError(f"init_from=resume: {path} is incompatible with this {what} "
-                         f"(key: (checkpoint, now)): {diff}")
+def prepare_run_dir(out_dir, init_from, run_files=("ckpt.pt", "log.jsonl")):
+    """Call on every rank before any work. Rank 0 locks out_dir for the rest of the process
+    (dirlock.lock_dir: a second training of the same directory, scratch or resume, stops here
+    with DirInUseError instead of interleaving its log and checkpoints with this one's); a
+    scratch run refuses a directory that already holds a run (never overwrite one), a resume
+    needs one; leftover temp files of killed writers are removed, of every file in the directory
+    (a kill can hit any write, and a grid's name is not written again after a resume). Under DDP
+    rank 0 sends its verdict to the other ranks, so all of them raise the same error at once."""
+    if init_from not in ("scratch", "resume"):
+        raise ValueError(f"init_from: expected 'scratch' or 'resume', got {init_from!r}")
+    import torch.distributed as dist
+    ddp, err = ddp_initialized(), None
+    if not ddp or dist.get_rank() == 0:
+        try:
+            _lock_run_dir(out_dir, init_from, run_files)
+        except Exception as e:  # DirInUseError, FileExistsError, FileNotFoundError, OSError
+            err = e
+    if ddp:
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)
+        err = msg[0]
+    if err is not None:
+        raise err
 
 
 def portable_path(path, start):

@@ -9,7 +9,10 @@ _private names and UPPER_CASE constants. Positional arguments are config files (
 only assignments to existing keys allowed); `--key=value` overrides are parsed with
 ast.literal_eval and fall back to the raw string. Unknown keys and values whose type does not
 match the default (int is accepted for float; a None default accepts anything) fail with a
-message listing the valid keys.
+message listing the valid keys; an error inside a config file names the file and line ("config/x.py
+line 3: NameError: ..."). check_range / check_choice validate values; config_diff + check_resume
+refuse a resume whose config differs from the checkpoint's where it must not.
+Tests: python -m pytest -q tests/test_common.py
 """
 
 import ast
@@ -48,6 +51,30 @@ def _check(key, value, g, keys, where):
     return value
 
 
+def _run_config_file(path):
+    """exec a config file -> the names it set. Compiled under its own name, so an error in it
+    reads "config/x.py line 3: NameError: ..." (and its traceback names the file too)."""
+    scope = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+        exec(code, {}, scope)
+    except SyntaxError as e:
+        raise ValueError(f"{path} line {e.lineno}: SyntaxError: {e.msg}"
+                         + (f": {e.text.strip()}" if e.text else "")) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e}); expected python assignments "
+                         "like `max_iters = 1000`") from e
+    except Exception as e:
+        tb, line = e.__traceback__, "?"
+        while tb is not None:  # the innermost frame of the config file itself
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise ValueError(f"{path} line {line}: {type(e).__name__}: {e}") from e
+    return scope
+
+
 def configure(g, argv=None):
     """Apply config files and --key=value overrides to the globals dict g. Returns the snapshot
     and records which keys were set explicitly in g's `_explicit` (see `explicit`)."""
@@ -59,9 +86,7 @@ def configure(g, argv=None):
             if not os.path.isfile(arg):
                 raise ValueError(f"config file {arg!r} not found (expected a path like config/x.py "
                                  "or an override like --key=value)")
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), {}, scope)
+            scope = _run_config_file(arg)
             for k, v in scope.items():
                 if not k.startswith("_") and not callable(v) and not isinstance(v, type(sys)):
                     g[k] = _check(k, v, g, keys, f"in {arg}")
@@ -104,3 +129,15 @@ def warn_ignored(config, explicit, keys, why):
     if unused:
         print(f"warning: {', '.join(f'{k}={config[k]!r}' for k in unused)} ignored: {why}")
     return unused
+
+
+def config_diff(saved, now, keys):
+    """{key: (saved, now)} for the keys whose values differ (missing counts as None)."""
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
+
+
+def check_resume(path, diff, what="config"):
+    """Raise if a resume would continue a run with an incompatible config."""
+    if diff:
+        raise ValueError(f"init_from=resume: {path} is incompatible with this {what} "
+                         f"(key: (checkpoint, now)): {diff}")

@@ -8,17 +8,19 @@ with an error naming the holder.
     with lock_dir(out_dir):              # DirInUseError if another live process holds it
         ...                              # write into out_dir
     lock = lock_dir(out_dir)             # or hold it until lock.release() / the process exits
+    hold_dir(out_dir)                    # or for the rest of the process (train.py's out_dir)
 
 The lock file is created if missing and never deleted (deleting it would let a third process
 lock a fresh file while the second still holds the old one). The kernel drops the lock when the
 holder exits, killed or not, so a stale lock never needs cleaning up. The holder writes its pid
 and start time into the file; they only make the error message useful.
-Tests: python -m pytest -q tests/test_data.py
+Tests: python -m pytest -q tests/test_data.py tests/test_common.py
 """
 
 import fcntl
 import os
 import time
+from contextlib import suppress
 
 LOCK_NAME = ".lock"
 
@@ -41,9 +43,12 @@ class DirLock:
             os.close(self.fd)
             raise DirInUseError(f"{dir} is in use by another process ({holder}): wait for it or "
                                 "use another directory") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        try:  # the holder's note only helps the error message: a full disk must not stop the run
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                      .encode(), 0)
+        except OSError:
+            pass
 
     def release(self):
         if self.fd is not None:
@@ -62,3 +67,22 @@ def lock_dir(dir):
     Raises DirInUseError naming the holder's pid and start time if another process (or another
     DirLock of this process) holds it."""
     return DirLock(dir)
+
+
+_HELD = {}  # (st_dev, st_ino) of a lock file -> the DirLock hold_dir keeps for the rest of the process
+
+
+def hold_dir(dir):
+    """lock_dir(dir) for the rest of this process -> the DirLock. Called again by the process that
+    holds it (a script run twice in one process, as the tests do with runpy), it returns the held
+    lock instead of refusing. The lock file is known by its inode (the directory may have been
+    renamed; while the lock is open no other file can get that inode)."""
+    with suppress(FileNotFoundError):
+        st = os.stat(os.path.join(dir, LOCK_NAME))
+        held = _HELD.get((st.st_dev, st.st_ino))
+        if held is not None and held.fd is not None:
+            return held
+    lock = lock_dir(dir)
+    st = os.fstat(lock.fd)
+    _HELD[st.st_dev, st.st_ino] = lock
+    return lock

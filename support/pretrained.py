@@ -1,6 +1,7 @@
 """
 Loading pretrained tokenizer files (IBQ, Emu3.5, LlamaGen: the architectures are in
-pretrained_arch.py) and this repo's own, through one function: `open_tokenizer` /
+pretrained_arch.py; Open-MAGVIT2's LFQ: implicit_arch.py; VQGAN-LC and FVQ: vqgan_arch.py) and
+this repo's own, through one function: `open_tokenizer` /
 `load_any_tokenizer` is the tokenizer loader of encode.py, train.py, sample.py and study.py.
 
 The architecture is read from the tensor shapes of the file (`infer_config`), so one loader
@@ -28,6 +29,7 @@ from support.common import load_checkpoint
 from support.implicit_arch import is_lfq_state, load_lfq
 from support.pretrained_arch import LAYOUTS, PretrainedConfig, PretrainedTokenizer
 from support.upstream_files import IGNORED_PREFIXES, read_checkpoint, select_weights
+from support.vqgan_arch import as_fvq, is_fvq_file, is_vqgan_lc_state, load_vqgan_lc
 from tokenizer import Tokenizer, check_state
 
 # the public files this loader reads, by their upstream file names: where each comes from
@@ -43,6 +45,10 @@ PUBLIC_FILES = {
                           ("imagenet_128_L.ckpt", "ImageNet 128 px, 2^18 codes"),
                           ("pretrain256_262144.ckpt", "pretrained 256 px, 2^18 codes"),
                           ("pretrain256_16384.ckpt", "pretrained 256 px, 2^14 codes"))},
+    "vqgan-lc-100K-f16-dim8.pth": "VQGAN-LC-100K (f16, D = 8), the VQGAN-LC project's "
+    "(zh460045050/VQGAN-LC on GitHub) release, linked from its README",
+    "fullvq2vqgan_ds16_res2_16384_256.pt": "FVQ-16384 in VQGAN (LlamaGen) format, the FVQ "
+    "project's (yfChang-cv/FVQ on GitHub) release, model page yfChang/FVQ",
 }
 
 # -----------------------------------------------------------------------------
@@ -50,10 +56,14 @@ PUBLIC_FILES = {
 
 
 def _layout(sd):
-    """-> "ibq" | "llamagen" | "lfq" | None, from the encoder's module names (Open-MAGVIT2's LFQ
-    encoder shares IBQ's encoder.down.* names: told apart by is_lfq_state first)."""
+    """-> "ibq" | "llamagen" | "lfq" | "vqgan-lc" | None, from the encoder's module names
+    (Open-MAGVIT2's LFQ encoder and VQGAN-LC's share IBQ's encoder.down.* names: told apart by
+    is_lfq_state / is_vqgan_lc_state first). FVQ files have LlamaGen's names: open_tokenizer
+    knows them by file name (vqgan_arch.is_fvq_file)."""
     if is_lfq_state(sd):
         return "lfq"
+    if is_vqgan_lc_state(sd):
+        return "vqgan-lc"
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return "ibq"
     if "encoder.conv_blocks.0.res.0.conv1.weight" in sd:
@@ -101,9 +111,11 @@ def load_pretrained(path, device="cpu", image_size=256, verbose=True, ck=None):
     ck = read_checkpoint(path, verbose=verbose) if ck is None else ck
     main = _main_state(ck, path)
     family = _layout(main)
-    if family == "lfq":
-        raise ValueError(f"{path} is an Open-MAGVIT2 LFQ tokenizer: load it with open_tokenizer "
-                         "or support.implicit_arch.load_lfq")
+    if family in ("lfq", "vqgan-lc"):
+        what, loader = {"lfq": ("an Open-MAGVIT2 LFQ", "implicit_arch.load_lfq"),
+                        "vqgan-lc": ("a VQGAN-LC", "vqgan_arch.load_vqgan_lc")}[family]
+        raise ValueError(f"{path} is {what} tokenizer: load it with open_tokenizer or "
+                         f"support.{loader}")
     if family is None:
         raise ValueError(f"{path}: the state dict has neither IBQ's encoder.down.* nor LlamaGen's "
                          f"encoder.conv_blocks.* modules (first keys: {sorted(main)[:5]})")
@@ -136,7 +148,9 @@ def load_pretrained(path, device="cpu", image_size=256, verbose=True, ck=None):
 def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
     """A tokenizer checkpoint of any supported format -> (tokenizer, info). This repo's own
     (train_tokenizer.py's: a "model_config" entry) -> tokenizer.Tokenizer; anything else -> a
-    PretrainedTokenizer (LFQ: implicit_arch.LFQTokenizer). info = {"kind": "repo" | "ibq" | "llamagen" | "lfq", "weights": "main" | "ema",
+    PretrainedTokenizer (LFQ: implicit_arch.LFQTokenizer; VQGAN-LC: vqgan_arch.VQGANLCTokenizer).
+    info = {"kind": "repo" | "ibq" | "llamagen" | "lfq" | "vqgan-lc" | "fvq",
+    "weights": "main" | "ema",
     "config": the run config the file records ({} for pretrained files: dataset, data_root),
     "iter": its training iteration or None}. image_size: a pretrained file does not record it
     (256 for every public release), so it is required there; for a repo tokenizer it is checked
@@ -179,6 +193,22 @@ def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
     if family == "lfq":
         tok = load_lfq(path, device, image_size, verbose, ck=ck)
         return tok, {"kind": "lfq", "weights": tok.weights, "config": {}, "iter": None}
+    if family == "vqgan-lc":
+        tok = load_vqgan_lc(path, device, image_size, verbose, ck=ck)
+        return tok, {"kind": "vqgan-lc", "weights": tok.weights, "config": {}, "iter": None}
+    if family == "llamagen" and is_fvq_file(path):  # LlamaGen's layout, l2 metric: by its name
+        tok = as_fvq(load_pretrained(path, device, image_size, False, ck=ck))
+        if verbose:
+            print(f"{path}: fvq tokenizer (LlamaGen layout), K={tok.config.codebook_size}, "
+                  f"D={tok.config.code_dim}, metric l2, {image_size} px -> {tok.grid}x{tok.grid}; "
+                  f"loaded the {tok.weights} weights")
+        return tok, {"kind": "fvq", "weights": tok.weights, "config": {}, "iter": None}
+    D = _main_state(ck, path).get("quantize.embedding.weight", torch.empty(0, 8)).shape[-1]
+    if family == "llamagen" and D != 8:  # never guess a metric: the codes would differ silently
+        raise ValueError(f"{path} has LlamaGen's layout with D = {D} codes: LlamaGen's VQ-16 release "
+                         "has D = 8 (metric cos), FVQ's converted releases D = 256 (metric l2), and "
+                         "the file does not say which it is. An FVQ file: keep its upstream name "
+                         "(fullvq2vqgan*.pt / fvq2vqgan*.pt)")
     tok = load_pretrained(path, device, image_size, verbose, ck=ck)
     return tok, {"kind": tok.config.family, "weights": tok.weights, "config": {}, "iter": None}
 

@@ -1,6 +1,7 @@
 """support/config.py (overrides, config files, clear errors) and support/common.py (atomic
 checkpoints, files and figures, the lr schedule, the data order, run directories)."""
 
+import errno
 import math
 import os
 import sys
@@ -209,7 +210,7 @@ def test_run_dir_refuses_scratch_over_a_run_and_cleans_stale_tmp(tmp_path):
     for p in (dead, live, grid, mine):
         open(p, "w").close()
     common.prepare_run_dir(d, "resume")
-    assert sorted(os.listdir(d)) == sorted(["ckpt.pt", os.path.basename(live), "notes.tmp.txt"])
+    assert sorted(os.listdir(d)) == sorted([".lock", "ckpt.pt", os.path.basename(live), "notes.tmp.txt"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         common.prepare_run_dir(str(tmp_path / "other"), "resume")
 
@@ -257,3 +258,226 @@ def test_common_reexports_the_config_names():
     """The scripts import the config names from support.common too: the same functions."""
     for name in ("configure", "check_range", "check_choice", "warn_ignored"):
         assert getattr(common, name) is getattr(cfg_mod, name)
+
+
+# ---- one process per run directory (dirlock) ----
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = ("import sys, time; sys.path.insert(0, sys.argv[2]); from support import common; "
+        "common.prepare_run_dir(sys.argv[1], 'scratch'); print('locked', flush=True); time.sleep(60)")
+
+
+def _holder(d):
+    """A live process that prepared run dir d (and so holds its lock) -> the Popen."""
+    import subprocess
+    p = subprocess.Popen([sys.executable, "-c", HOLD, d, ROOT], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_run_dir_is_locked_for_the_life_of_the_process(tmp_path):
+    d = str(tmp_path / "run")
+    p = _holder(d)
+    try:
+        for init in ("scratch", "resume"):
+            if init == "resume":
+                save_checkpoint({"iter": 1}, os.path.join(d, "ckpt.pt"))
+            with pytest.raises(RuntimeError, match=r"run is in use by another process \(pid %d" % p.pid):
+                common.prepare_run_dir(d, init)
+    finally:
+        p.kill()
+        p.wait()
+    common.prepare_run_dir(d, "resume")   # the holder is gone: the kernel dropped its lock
+    common.prepare_run_dir(d, "resume")   # this process holds it: a second run in-process may go on
+
+
+def _ddp_prepare(rank, world, init_file, d, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        common.prepare_run_dir(d, "scratch")
+        results.put((rank, "ok"))
+    except Exception as e:
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    dist.destroy_process_group()
+
+
+def test_refused_run_dir_stops_every_ddp_rank(tmp_path):
+    """Only rank 0 takes the lock; the others get its verdict and raise too (none waits forever)."""
+    import torch.multiprocessing as mp
+    d = str(tmp_path / "run")
+    p = _holder(d)
+    try:
+        ctx = mp.get_context("spawn")
+        q = ctx.SimpleQueue()
+        mp.spawn(_ddp_prepare, args=(2, str(tmp_path / "store"), d, q), nprocs=2, join=True)
+        got = dict(q.get() for _ in range(2))
+    finally:
+        p.kill()
+        p.wait()
+    assert all(v.startswith("DirInUseError") and "in use by another process" in v for v in got.values()), got
+
+
+def test_two_trainings_of_one_out_dir(tmp_path):
+    """Two real train.py processes on one out_dir: the second (scratch or resume) stops at once
+    with the lock's message and writes nothing; the first one's log stays in order."""
+    import subprocess
+    import time
+    from helpers import make_encoded
+    tr, va, _ = make_encoded(str(tmp_path / "enc"), n_train=24, n_val=6)
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(init, max_iters, stdout=subprocess.PIPE):
+        args = dict(data_dir=tr, val_dir=va, out_dir=out, model_size="tiny", batch_size=8, max_iters=max_iters,
+                    eval_interval=10**6, warmup_iters=1, grid_per_class=1, log_interval=1, init_from=init)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py")] + [f"--{k}={v}" for k, v in args.items()]
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+    first_out = open(tmp_path / "first.txt", "w")
+    first = train("scratch", 10**6, stdout=first_out)
+    log = os.path.join(out, "log.jsonl")
+    try:
+        deadline = time.time() + 120
+        while not (os.path.isfile(log) and os.path.getsize(log)) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, open(tmp_path / "first.txt").read()[-3000:]
+        for init in ("scratch", "resume"):
+            second = train(init, 5)
+            text = second.communicate(timeout=120)[0]
+            assert second.returncode != 0, text[-3000:]
+            assert "DirInUseError" in text and "is in use by another process" in text, text[-3000:]
+            assert first.poll() is None   # refused by the lock, not by the first run's end
+    finally:
+        first.kill()
+        first.wait()
+        first_out.close()
+    iters = [r["iter"] for r in common.read_jsonl(log) if "loss" in r]
+    assert iters == list(range(1, len(iters) + 1)) and iters   # one run's steps, once each
+
+
+# ---- bad content in the files the runs read ----
+
+@pytest.mark.parametrize("line, msg", [
+    ("[1, 2]", r"log.jsonl, line 2: expected one JSON object per line .*; got a list: \[1, 2\]"),
+    ('{"loss": 1.0}', r"log.jsonl, line 2: expected .* integer \"iter\".*; got a record without \"iter\""),
+    ('{"iter": "3"}', r"log.jsonl, line 2: expected .*; got \"iter\": '3'"),
+    ("{not json", r"log.jsonl, line 2: not a JSON record"),
+    ('{"iter": 1, "x": "\udcff"}', r"log.jsonl, line 2: not a JSON record"),   # bytes that are no UTF-8
+])
+def test_malformed_log_line_names_file_and_line(tmp_path, line, msg):
+    p = tmp_path / "log.jsonl"
+    p.write_bytes(b'{"iter": 0}\n' + line.encode("utf-8", "surrogateescape") + b'\n{"iter": 2}\n')
+    with pytest.raises(ValueError, match=msg):
+        common.read_jsonl(str(p))
+
+
+def test_read_json_wants_an_object(tmp_path):
+    p = tmp_path / "meta.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"meta.json': expected a JSON object \{...\}, got a list"):
+        common.read_json(str(p), "encoded meta.json")
+
+
+def _flip_tensor_byte(path, value):
+    """Change one byte of a stored tensor filled with `value` (as bit rot or a bad copy would)."""
+    raw = bytearray(open(path, "rb").read())
+    i = raw.find(torch.full((4,), value).numpy().tobytes())
+    assert i > 0
+    raw[i + 1] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+
+
+def test_altered_checkpoint_is_refused(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"w": torch.full((256,), 3.25), "iter": 1}, path)
+    _flip_tensor_byte(path, 3.25)
+    assert torch.load(path, weights_only=True)["w"][0] != 3.25  # torch itself loads it silently
+    with pytest.raises(ValueError, match=r"ckpt.pt' is corrupt: member .*data/0 fails its CRC.*restore it from"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_that_is_not_a_dict(tmp_path):
+    path = str(tmp_path / "t.pt")
+    save_checkpoint(torch.ones(2), path)
+    with pytest.raises(ValueError, match="expected a dict.*got a Tensor"):
+        load_checkpoint(path)
+
+
+# ---- a full disk: a clear error, and nothing half-written ----
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint({"w": torch.ones(3), "iter": 1}, path)
+    before = open(path, "rb").read()
+
+    def torch_save_on_a_full_disk(obj, f):  # what torch's zip writer raises when a write comes up short
+        open(f, "wb").write(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1984 vs 1898")
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(OSError, match=r"no space left on .* MiB free\) while writing .*ckpt.pt") as e:
+        save_checkpoint({"w": torch.zeros(3), "iter": 2}, path)
+    assert e.value.errno == errno.ENOSPC
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_full_disk_while_writing_text_and_json(tmp_path):
+    path = str(tmp_path / "metrics.json")
+    common.write_json(path, {"a": 1})
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match=r"no space left on .*metrics.json"):
+        with common.atomic_path(path) as tmp:
+            open(tmp, "w").write('{"a": ')
+            Full().write("2}")
+    assert common.read_json(path) == {"a": 1} and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_full_disk_while_appending_a_log_line(tmp_path, monkeypatch):
+    path = str(tmp_path / "log.jsonl")
+    common.append_jsonl(path, {"iter": 0})
+    before = open(path, "rb").read()
+    real_write = os.write
+
+    def short_write(fd, data):  # the disk fills up half way through the line
+        return real_write(fd, data[:len(data) // 2]) if data.startswith(b'{"iter": 1') else real_write(fd, data)
+    monkeypatch.setattr(os, "write", short_write)
+    with pytest.raises(OSError, match=r"no space left on .*log.jsonl"):
+        common.append_jsonl(path, {"iter": 1, "loss": 0.5})
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    common.append_jsonl(path, {"iter": 1})
+    assert common.read_jsonl(path) == [{"iter": 0}, {"iter": 1}]
+
+
+# ---- config files and devices ----
+
+@pytest.mark.parametrize("text, msg", [
+    ("steps = 20\nlr = 1e-3\nname = mnist\n", r"c.py line 3: NameError: name 'mnist' is not defined"),
+    ("steps = 20\nlr = (1e-3\n", r"c.py line 2: SyntaxError: '\(' was never closed"),
+    ("steps = 1 / 0\n", r"c.py line 1: ZeroDivisionError"),
+])
+def test_config_file_errors_name_file_and_line(tmp_path, text, msg):
+    f = tmp_path / "c.py"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=msg):
+        configure(defaults(), [str(f)])
+
+
+def test_explicit_cuda_index_becomes_the_current_device(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup_device sets them
+    try:
+        assert common.setup_device("cuda:1", "float32")[0] == "cuda" and calls == ["cuda:1"]
+        common.setup_device("cuda", "float32")                # plain cuda: torch's current device
+        assert calls == ["cuda:1"]
+        for bad, msg in (("cuda:2", "torch sees 2 CUDA device"), ("cuda:x", "expected 'cpu', 'cuda' or 'cuda:N'")):
+            with pytest.raises(ValueError, match=msg):
+                common.setup_device(bad, "float32")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

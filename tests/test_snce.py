@@ -261,6 +261,26 @@ def test_snce_loss_matches_dense(metric, reduction, masked, compile):
         assert_compiled_ran()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=needs_compiler)])
+def test_snce_loss_bf16_logits_with_a_mask(reduction, compile):
+    """bf16 logits (a model's output under autocast) with a mask: the gradient comes back in
+    bf16, within bf16 rounding of the float64 reference; masked-out rows get exactly 0."""
+    z, C, h, W, b, mask = problem(lead=(4, 6), K=13)
+    logits64 = h @ W.t()
+    logits = logits64.to(torch.bfloat16).requires_grad_()
+    q = neighbor_probs(z, C, 0.7, "l2")
+    ref = dense_loss(logits.detach().double().requires_grad_(), q, mask, reduction)
+    got = snce_loss(logits, z, C, 0.7, "l2", mask=mask, reduction=reduction, compile=compile)
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    w = torch.rand(4, 6, dtype=f64) if reduction == "none" else None
+    (g,) = grads(got, [logits], None if w is None else w.float())
+    assert g.dtype == torch.bfloat16 and torch.all(g[~mask] == 0)
+    lg = logits.detach().double().requires_grad_()
+    (want,) = grads(dense_loss(lg, q, mask, reduction), [lg], w)
+    torch.testing.assert_close(g.double(), want, rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True])
