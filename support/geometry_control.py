@@ -10,15 +10,15 @@ and VQ code t_i, the control target is q_i with its values permuted among the co
 
 so q~_i keeps q_i's whole sorted mass profile (the same entropy, i.e. the same perplexity, and
 the same mass q_i[t_i] on the VQ code), but the mass SNCE puts on t_i's neighbors lands on codes
-drawn without regard to the latent. sigma_i is drawn fresh for every row and step from a seeded
+drawn without regard to the latent. The permutation is drawn fresh for every step from a seeded
 generator, so a resume replays the same targets. To stay cheap at K = 65,536 (a sort per row
-costs seconds per step on a CPU) sigma_i is one random permutation P of the step, shifted per
-row by a random offset r_i, then corrected by one swap to fix t_i:
+costs seconds per step on a CPU, an (N, K) index as much memory as the logits) it is one random
+permutation P of the step, shared by the rows, corrected per row by one swap that fixes t_i:
 
-    sigma_i(k) = P[(k + r_i) mod K], except sigma_i(t_i) = t_i and sigma_i(v_i) = P[(t_i + r_i) mod K]
+    sigma_i(k) = P[k], except sigma_i(t_i) = t_i and sigma_i(v_i) = P[t_i], v_i = P^{-1}(t_i)
 
-where v_i = sigma_i^{-1}(t_i) before the swap. For each row the codes that receive the
-neighbors' mass are a uniformly random ordered set; rows differ by their offset.
+so q~_i = q_i[:, P] (one column gather) with two entries per row put right. P is independent
+of the codebook's geometry and changes every step, so no fixed wrong geometry can be learned.
 
 The loss runs on materialised logits (rows x K, per level): the study's sizes (2,048 rows per
 micro-step, K <= 65,536: 0.5 GB of fp32 logits) fit in memory, and the control is a measuring
@@ -38,24 +38,28 @@ def control_generator(seed):
 
 
 def control_permutation(codes, K, generator):
-    """-> sigma (N, K) int64 with sigma[i, codes[i]] = codes[i]: row i's permutation of the codes
-    (module docstring). codes (N,) int64."""
-    n = codes.shape[0]
-    P = torch.randperm(K, generator=generator)                             # (K,)
-    r = torch.randint(K, (n,), generator=generator)                        # (N,)
-    P, r, t = P.to(codes.device), r.to(codes.device), codes.long()
-    sigma = P[(torch.arange(K, device=codes.device) + r[:, None]) % K]   # (N, K)
+    """-> sigma (N, K) int64, row i's permutation (module docstring), sigma[i, codes[i]] =
+    codes[i]. The definition written out; control_targets applies it without the (N, K) index."""
+    n, t = codes.shape[0], codes.long()
+    P = torch.randperm(K, generator=generator).to(codes.device)          # (K,)
+    sigma = P.repeat(n, 1)                                                # (N, K)
     rows = torch.arange(n, device=codes.device)
-    v = (torch.argsort(P)[t] - r) % K          # sigma_i(v_i) = t_i before the swap
-    u = sigma[rows, t]                         # where t_i's own mass would come from
-    sigma[rows, v] = u                         # the swap: v_i takes t_i's old source ...
+    sigma[rows, torch.argsort(P)[t]] = P[t]    # v_i = P^-1(t_i) takes t_i's old source ...
     sigma[rows, t] = t                         # ... and t_i keeps its own mass
     return sigma
 
 
 def control_targets(q, codes, generator):
-    """q~ (N, K) = q gathered by control_permutation: the same values per row, moved."""
-    return q.gather(1, control_permutation(codes, q.shape[1], generator))
+    """q~ (N, K): q (N, K) permuted by control_permutation, q~[i, k] = q[i, sigma_i(k)]: the same
+    values per row, moved. codes (N,) int64."""
+    K, t = q.shape[1], codes.long()
+    P = torch.randperm(K, generator=generator).to(q.device)              # (K,)
+    rows = torch.arange(q.shape[0], device=q.device)
+    own, moved = q[rows, t], q[rows, P[t]]     # (N,): t_i's mass, and what lands on v_i
+    qt = q.index_select(1, P)                  # q~[i, k] = q[i, P[k]]
+    qt[rows, torch.argsort(P)[t]] = moved
+    qt[rows, t] = own
+    return qt
 
 
 def control_level_losses(hidden, weight, bias, latents, codebooks, taus, codes, metric, mask, generator):

@@ -14,9 +14,9 @@ from support.geometry_control import (control_generator, control_level_losses,  
                                       control_permutation, control_targets)
 
 
-def naive_sigma(P, r, t, K):
+def naive_sigma(P, t, K):
     """The docstring's sigma_i, one row, in plain Python."""
-    s = [int(P[(k + r) % K]) for k in range(K)]
+    s = [int(P[k]) for k in range(K)]
     v = s.index(t)
     s[v], s[t] = s[t], t
     return s
@@ -34,10 +34,9 @@ def test_permutation_matches_the_definition_and_fixes_the_code(K):
     n = 40
     t = torch.randint(K, (n,), generator=torch.Generator().manual_seed(1))
     sigma = control_permutation(t, K, control_generator(5))
-    g = control_generator(5)   # the same draws, replayed by hand
-    P, r = torch.randperm(K, generator=g), torch.randint(K, (n,), generator=g)
+    P = torch.randperm(K, generator=control_generator(5))   # the same draw, replayed by hand
     for i in range(n):
-        assert sigma[i].tolist() == naive_sigma(P, int(r[i]), int(t[i]), K)
+        assert sigma[i].tolist() == naive_sigma(P, int(t[i]), K)
         assert sorted(sigma[i].tolist()) == list(range(K))      # a permutation
         assert int(sigma[i, t[i]]) == int(t[i])                 # the VQ code keeps its mass
 
@@ -48,6 +47,7 @@ def test_targets_keep_the_mass_profile_and_move_the_neighbors():
     q = torch.randn(N, K, generator=g, dtype=torch.float64).mul(3).softmax(-1)
     t = q.argmax(-1)
     qt = control_targets(q, t, control_generator(3))
+    assert torch.equal(qt, q.gather(1, control_permutation(t, K, control_generator(3))))
     assert torch.equal(qt.sort(-1).values, q.sort(-1).values)  # same values per row, exactly
     assert torch.equal(qt.gather(1, t[:, None]), q.gather(1, t[:, None]))
     H = lambda p: -(p * p.log()).sum(-1)  # noqa: E731
@@ -106,11 +106,11 @@ def test_loss_and_gradients_match_a_naive_float64_reference(masked):
     ghf = gh.view(-1, L, H)
     for lvl in range(L):
         rows = keep[:, lvl].nonzero().flatten().tolist()
-        P, r = torch.randperm(K, generator=g), torch.randint(K, (len(rows),), generator=g)
+        P = torch.randperm(K, generator=g)
         total = 0.0
         for j, i in enumerate(rows):
             q = naive_q(lt[i, lvl], books[lvl], taus[lvl])
-            s = naive_sigma(P, int(r[j]), int(cd[i, lvl]), K)
+            s = naive_sigma(P, int(cd[i, lvl]), K)
             qt = [q[s[k]] for k in range(K)]
             logit = [float(hid[i, lvl] @ weight.detach()[k] + bias.detach()[k]) for k in range(K)]
             m = max(logit)

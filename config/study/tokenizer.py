@@ -1,6 +1,7 @@
 # The study's tokenizer (study.py): MNIST-5k, one VQ level (as in the paper) with a codebook that is large
 # for this data: K = 16,384 codes for 4,500 x 64 = 288k training latents (~18 latents per code),
-# an 8x8 grid of D=8 latents (T = 64 tokens per image). Run by study.py; by hand:
+# an 8x8 grid of D=8 latents (T = 64 tokens per image). Run by study.py (--codebook_size, and in its
+# second design --seed); by hand:
 #   python -m support.train_tokenizer config/study/tokenizer.py
 out_dir = "out/study/tokenizer"
 dataset = "mnist"

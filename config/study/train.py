@@ -1,4 +1,4 @@
-# The study's generator (study.py sets loss / target_perplexity / label_smoothing / seed / out_dir):
+# The study's generator (study.py sets loss / target_perplexity / label_smoothing / dropout / seed / out_dir):
 # the AR "mini" transformer (4 layers, 128 wide) over config/study/tokenizer.py's codes
 # (T = 64 tokens, one level of K = 16,384), the same model, data, steps and seeds for every loss.
 #   python train.py config/study/train.py --loss=snce --target_perplexity=95 --out_dir=out/study/runs/x
