@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from model import GPT, GPTConfig
 from support import fid
-from support.checks import check_tokenizer_fits
+from support.checks import check_seed, check_tokenizer_fits
 from support.common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
@@ -71,6 +71,7 @@ for key, lo, lo_open in (("cfg_scale", 0, False), ("num_samples", 0, False), ("b
                          ("per_class", 1, False), ("temperature", 0, True), ("top_k", 0, False),
                          ("top_p", 0, True), ("steps", 1, False)):
     check_range(config, key, lo, 1 if key == "top_p" else None, lo_open)
+check_seed(config)
 if fid_weights and num_samples == 0:
     raise ValueError("fid_weights needs num_samples > 0 (e.g. --num_samples=50000)")
 

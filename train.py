@@ -14,6 +14,8 @@ line, and how soft the SNCE target is (tau, or --target_perplexity).
     python train.py config/study/train.py --target_perplexity=95 --out_dir=out/study/p95
     python train.py config/train_mnist.py --data_source=images \
         --tokenizer_ckpt=out/tokenizer_mnist/ckpt.pt --out_dir=out/train_mnist_fly
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py config/train_mnist.py \
+        --gradient_accumulation_steps=2 --out_dir=out/train_mnist_ddp    # 2 CPU processes (gloo)
     torchrun --standalone --nproc_per_node=8 train.py config/imagenet_ibqb.py config/imagenet_ibq262144.py
     # multi-node (on each of 4 nodes; NODE = 0..3, HOST = node 0's address):
     torchrun --nnodes=4 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \
@@ -34,12 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from model import GPT, MODELS, GPTConfig
 from snce import fused_linear_snce_levels
 from support import data
-from support.checks import (SPLIT_KEYS, check_encoding_tokenizer, check_replicas, check_resume_checkpoint,
-                            check_splits, check_train_config, resume_changes)
+from support.checks import (SPLIT_KEYS, check_distinct_splits, check_encoding_tokenizer, check_finite_step,
+                            check_replicas, check_resume_checkpoint, check_splits, check_train_config,
+                            data_identity, resume_changes)
 from support.common import (append_jsonl, batch_indices, batches_per_epoch, init_distributed,
                             load_checkpoint, lr_at, portable_path, prepare_run_dir, read_jsonl, resolve_path,
                             resume_decay_iters, rewrite_jsonl, save_checkpoint, setup_device, step_seed)
 from support.config import configure
+from support.geometry_control import control_generator, control_level_losses
 from support.pretrained import load_any_tokenizer, open_tokenizer
 from support.sample_metrics import load_scorer, real_feature_stats, score_samples
 from support.snce_target import (report_target, sample_rows, saved_target_setting, snce_target,
@@ -70,7 +74,7 @@ dropout = 0.0                # in the transformer blocks
 bias = False                 # biases in Linear and LayerNorm
 mask_schedule = "cosine"     # maskgit only
 # objective
-loss = "snce"                # ce | snce | ls
+loss = "snce"                # ce | snce | ls | control (SNCE's softness on random codes: geometry_control.py)
 tau = 1.0                    # SNCE temperature (Eq. 5), in the tokenizer's distance units (paper: 1, IBQ, dot)
 target_perplexity = 0.0      # > 0: calibrate one tau per level so mean exp H(q) equals it, instead of tau
 tau_scale = "none"           # none: tau as is | gap: level l uses tau x its median nearest-code gap
@@ -115,19 +119,20 @@ check_train_config(config, _explicit)  # noqa: F821 (configure sets it): bad val
 ddp, rank, local_rank, world_size, device = init_distributed(device)
 master = rank == 0
 device_type, ptdtype, autocast = setup_device(device, dtype)
-if gradient_accumulation_steps % world_size:
-    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a "
-                     f"multiple of the world size {world_size}")
+if gradient_accumulation_steps % world_size:  # the global micro-step count, split among the ranks
+    raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                     f"world size {world_size} (it counts micro-steps over all ranks): pass "
+                     f"--gradient_accumulation_steps={-(-gradient_accumulation_steps // world_size) * world_size}")
 accum = gradient_accumulation_steps // world_size
 ckpt_path, log_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "log.jsonl")
-if master:  # first, before any work: never train into (and later overwrite) another run
-    prepare_run_dir(out_dir, init_from)
+prepare_run_dir(out_dir, init_from)  # every rank, before any work: lock out_dir, never overwrite another run
 
 # ---- data: the encoded splits, or the images encoded batch by batch (on_the_fly.OnTheFlySplit) ----
 if data_source == "encoded":
     meta, codes_mm, latents_mm, labels_mm = data.load_encoded(data_dir)
     val_meta, vcodes_mm, vlatents_mm, vlabels_mm = data.load_encoded(val_dir)
     train_name, val_name = data_dir, val_dir
+    check_distinct_splits(data_dir, val_dir, meta, val_meta, labels_mm, vlabels_mm)
 else:  # the tokenizer comes first: it makes the data (meta as encode.py's)
     tok_path = tokenizer_ckpt
     tok, tok_info = open_tokenizer(tok_path, device, image_size or None, verbose=master)
@@ -155,7 +160,8 @@ if data_source == "encoded":
                                               f"tokenizer checkpoint named in {data_dir}/meta.json")
     tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
     tok_fp = check_encoding_tokenizer(tok, tok_path, data_dir, meta, codes_mm, latents_mm)
-codebooks = tok.codebooks.detach().float() if loss == "snce" else None  # (L, K, D)
+soft = loss in ("snce", "control")  # targets from the latents: q of Eq. 5 (control: q permuted)
+codebooks = tok.codebooks.detach().float() if soft else None  # (L, K, D)
 
 
 def on_device(rows, np_dtype=None):
@@ -172,8 +178,9 @@ def get_batch(codes_src, latents_src, labels_src, idx):
     codes = on_device(codes_src[idx], np.int64)
     labels = on_device(labels_src[idx], np.int64)
     res = None
-    if loss == "snce":  # r_l = z - sum_{j<l} C_j[t_j] (a gather and an exclusive cumsum), token order (h, w, L)
-        z = on_device(latents_src[idx])
+    if soft:  # r_l = z - sum_{j<l} C_j[t_j] (a gather and an exclusive cumsum), token order (h, w, L)
+        z = data.finite_rows(latents_src[idx], idx, latents_src)  # NaN would make q (Eq. 5) NaN
+        z = on_device(z)
         res = residuals_from(z, codes, codebooks).reshape(len(idx), -1, D)
     return codes, res, labels
 
@@ -191,19 +198,19 @@ model_args = dict(mode=mode, vocab_size=K, levels=L, grid_h=grid_h, grid_w=grid_
 # what the run learns from; on the fly also which images: another source, dataset or split is
 # another run (data_root may change: the images moved)
 data_id = {"tokenizer_fingerprint": tok_fp, "data_source": data_source, **{k: meta.get(k) for k in SPLIT_KEYS},
-           **({"dataset": meta["dataset"], "split": meta["split"]} if data_source == "images" else {})}
+           **data_identity(meta, N, labels_mm if data_source == "encoded" else None)}
 iter_num, decay_iters, eval_logged = 0, lr_decay_iters or max_iters, False
 ck, same_target = None, False
 if init_from == "resume":
     ck = load_checkpoint(ckpt_path, map_location=device, what="generator checkpoint")
     if mode == "ar":  # ar never masks: keep the checkpoint's mask_schedule whatever is set now
         model_args["mask_schedule"] = ck.get("model_args", {}).get("mask_schedule", mask_schedule)
-    check_resume_checkpoint(ck, ckpt_path, asdict(GPTConfig(**model_args)), data_id, ema_decay)
+    check_resume_checkpoint(ck, ckpt_path, asdict(GPTConfig(**model_args)), data_id, ema_decay, train_name)
     requested = decay_iters if "lr_decay_iters" in _explicit else None  # noqa: F821
     decay_iters, msg = resume_decay_iters(ck, requested, max_iters, ckpt_path)
     if msg and master:
         print(msg)
-    same_target = ck["config"].get("loss") == "snce" and saved_target_setting(ck) == target_setting(config)
+    same_target = ck["config"].get("loss") == loss and saved_target_setting(ck) == target_setting(config)
     changed = resume_changes(ck, config, world_size)
     if changed and master:
         print(f"note: resuming with changed settings (checkpoint, now): {changed}; from here the "
@@ -212,7 +219,7 @@ if init_from == "resume":
 # ---- SNCE's target: per-level taus on a fixed sample of training residuals, and how soft q is
 # at them (support/snce_target.py); a resume with the same setting reuses the stored taus ----
 q_info, q_fresh = None, False
-if loss == "snce":
+if soft:
     if ck is not None and "taus" in ck and same_target:
         q_info = ck.get("q_info") or snce_target(residual_sample(), codebooks, metric, taus=ck["taus"], verbose=master)
     else:
@@ -245,7 +252,7 @@ if master:
     tokens_per_iter = gradient_accumulation_steps * batch_size * gptconf.seq_len
     print(f"{mode} {model_size}: {raw_model.num_params() / 1e6:.2f}M params, K={K}, T={gptconf.seq_len} "
           f"({grid_h}x{grid_w}x{L}), loss={loss}"
-          + (f" tau={', '.join(f'{t:.3g}' for t in taus)} metric={metric}" if loss == "snce" else "")
+          + (f" tau={', '.join(f'{t:.3g}' for t in taus)} metric={metric}" if soft else "")
           + f", {N} train images{' (encoded on the fly)' if data_source == 'images' else ''}, "
           f"{tokens_per_iter} tokens/iter, world {world_size}, device {device}")
     if q_info:
@@ -254,30 +261,36 @@ if ddp:  # every rank must agree on whether the first eval is redone (it is a co
     flag = torch.tensor(int(eval_logged), device=device)
     dist.broadcast(flag, 0)
     eval_logged = bool(flag.item())
-# ---- compile, then the DDP wrap (it all-reduces gradients in backward) ----
-model = torch.compile(raw_model) if compile else raw_model
-if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+# ---- the DDP wrap (it all-reduces gradients in backward), then compile: compiling the wrapped
+# model lets the all-reduce of each gradient bucket overlap the rest of the backward ----
+ddp_model = None
+if ddp:  # bucket views: the gradients live in the all-reduce buckets, no second copy
+    ddp_model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+model = torch.compile(ddp_model or raw_model) if compile else (ddp_model or raw_model)
 
 
 # ---- the loss (Eq. 8 per RQ level), and the eval ----
-def level_losses(hidden, codes, res, mask, kind=loss):
+def level_losses(hidden, codes, res, mask, kind=loss, gen=None):
     """Per-level loss sums (L,) and counted tokens (L,). hidden (B, T, H) is viewed as
     (B, h*w, L, H): level l's rows get q from r_l against codebook l (Eq. 5, kind='snce'), or
-    hard targets from the stored codes (kind='ce', or 'ls' smoothed by label_smoothing)."""
+    hard targets from the stored codes (kind='ce', or 'ls' smoothed by label_smoothing); kind
+    'control': q with its values moved to random codes drawn from gen (geometry_control.py)."""
     B, H = hidden.shape[0], hidden.shape[-1]
     hid, cod = hidden.view(B, -1, L, H), codes.view(B, -1, L)
     msk = None if mask is None else mask.view(B, -1, L)
     w, b = raw_model.head.weight, raw_model.head.bias   # under no_grad the loss does no grad work
+    counts = (torch.full((L,), hid.shape[0] * hid.shape[1], device=hidden.device) if msk is None
+              else msk.sum((0, 1)))
+    if kind == "control":  # materialised logits, per level: a measuring instrument, not for scale
+        return control_level_losses(hid, w, b, res.view(B, -1, L, D), codebooks, taus, cod, metric, msk, gen), counts
     if kind == "snce":  # one call for all levels: one fp32 grad_weight accumulator (K, H), not L
         kw = dict(latents=res.view(B, -1, L, D), codebooks=codebooks, taus=taus, metric=metric)
     else:
         kw = dict(latents=None, codebooks=None, taus=0.0, targets=cod,
                   label_smoothing=label_smoothing if kind == "ls" else 0.0)
-    sums = fused_linear_snce_levels(hid, w, bias=b, mask=msk, reduction="sum", **kw)  # (L,): sums, so the
-    # callers take the token mean over all levels (and ranks / batches for the eval) themselves
-    counts = (torch.full((L,), hid.shape[0] * hid.shape[1], device=hidden.device) if msk is None
-              else msk.sum((0, 1)))
+    # (L,) sums: the callers take the token mean over all levels (and ranks / batches) themselves
+    sums = fused_linear_snce_levels(hid, w, bias=b, mask=msk, reduction="sum", **kw)
     return sums, counts
 
 
@@ -292,6 +305,12 @@ def hidden_states(net, codes, labels, mask):
 def all_sum(x):
     if ddp:
         dist.all_reduce(x)
+    return x
+
+
+def max_over_ranks(x):
+    if ddp:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
@@ -315,7 +334,8 @@ def evaluate():
             mask = raw_model.sample_mask(len(idx), generator=g)
         hidden = hidden_states(raw_model, codes, labels, mask)
         nll, n = level_losses(hidden, codes, None, mask, kind="ce")
-        obj, _ = level_losses(hidden, codes, res, mask) if loss != "ce" else (nll, n)
+        gen = control_generator(seed + 7919 * (s + 1)) if loss == "control" else None
+        obj, _ = level_losses(hidden, codes, res, mask, gen=gen) if loss != "ce" else (nll, n)
         totals += torch.stack([nll, obj, n.to(nll.dtype)]).double()
     totals = all_sum(totals)
     n = totals[2].clamp_min(1)  # (L,) counted tokens per level
@@ -374,7 +394,7 @@ def save():
                      "model_args": model_args, "config": config, "meta": meta, "data_id": data_id,
                      "tokenizer_ckpt": portable_path(tok_path, out_dir), "tokenizer_fingerprint": tok_fp,
                      "lr_decay_iters": decay_iters, "world_size": world_size, "taus": taus,
-                     "q_info": q_info, "target_setting": target_setting(config) if loss == "snce" else None},
+                     "q_info": q_info, "target_setting": target_setting(config) if soft else None},
                     ckpt_path)
 
 
@@ -383,6 +403,7 @@ if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
 timer = StepTimer(cuda=device_type == "cuda")  # ms per phase: measured every step on the CPU, logged ones on CUDA
 t_last, tok_seen, start_iter, last_log = time.time(), 0, iter_num, iter_num
+ckpt_iter = iter_num if init_from == "resume" else None  # the step of the last checkpoint written
 if data_source == "images":  # workers read the training batches ahead, in the loop's order
     codes_mm.source.prefetch(batch_indices(N, seed, s, rank, world_size, batch_size)
                              for s in range(iter_num * accum, max_iters * accum))
@@ -391,6 +412,9 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num >= max_iters) and not (iter_num == start_iter and eval_logged):
         t_eval = time.time()
         ev = evaluate()
+        write_ckpt = iter_num != start_iter or init_from == "scratch"  # else the checkpoint is this state
+        if write_ckpt:  # rank 0 writes it below; every rank names it if the run diverges
+            ckpt_iter = iter_num
         if master:
             grid_path = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
             save_sample_grid(grid_path)
@@ -400,7 +424,7 @@ while True:
                   f"per level {' '.join(f'{x:.3f}' for x in ev['val_nll_levels'])} | {grid_path}"
                   + (f" | {eval_samples} samples: accuracy {ev['sample_accuracy']:.3f}, FLD "
                      f"{ev['sample_fld']:.2f} ({ev['sample_seconds']:.1f} s)" if "sample_fld" in ev else ""))
-            if iter_num != start_iter or init_from == "scratch":  # else the checkpoint is this state
+            if write_ckpt:
                 save()
             if q_record:  # the first record of a scratch run's log
                 append_jsonl(log_path, q_record)
@@ -427,11 +451,12 @@ while True:
         mask = raw_model.sample_mask(batch_size) if mode == "maskgit" else None
         timer.lap("data")
         if ddp:  # all-reduce gradients only on the last micro-step
-            model.require_backward_grad_sync = micro == accum - 1
+            ddp_model.require_backward_grad_sync = micro == accum - 1
         # forward to the last hidden states (B, T, H); the fused loss applies the head itself
         hidden = hidden_states(model, codes, labels, mask)
         timer.lap("forward")
-        sums, n = level_losses(hidden, codes, res, mask)
+        gen = control_generator(step_seed(seed, step, rank, world_size)) if loss == "control" else None
+        sums, n = level_losses(hidden, codes, res, mask, gen=gen)
         micro_objective = sums.sum() / n.sum() / accum  # DDP averages over ranks: / accum per rank
         timer.lap("loss")
         micro_objective.backward()  # the loss's gradients (Eq. 11: p - q) were made in its forward
@@ -439,6 +464,8 @@ while True:
         timer.lap("backward")
     # clip, step, EMA
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # a diverged step stops the run (every rank) before its update: the weights stay finite
+    check_finite_step(objective, grad_norm, iter_num + 1, ckpt_path, ckpt_iter, reduce=max_over_ranks)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
@@ -472,6 +499,6 @@ if data_source == "images":  # stop the loader workers
     vcodes_mm.source.close()
 if ddp:
     check_replicas(raw_model, master)  # DDP keeps the ranks' weights identical: one cheap check
-    del model  # the DDP reducer holds the process group: free it first (clean gloo teardown)
+    del model, ddp_model  # the DDP reducer holds the process group: free it first (clean gloo teardown)
     dist.barrier()
     dist.destroy_process_group()

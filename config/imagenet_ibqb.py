@@ -8,7 +8,10 @@ codebook. SNCE with train.py's default tau = 1 (the paper's setting for its IBQ 
 metric, D = 256) on the tokenizer's metric.
 Differences from IBQ's trainer: our lr decays by cosine to 0.1x (IBQ: linear to 0.1x), weight
 decay stays constant (IBQ: cosine to 0), and model.py's IBQ-B is 24 plain pre-norm blocks of
-width 1024 (342M parameters with K = 16,384, as IBQ-B; IBQ's has 16 adaLN blocks).
+width 1024 (IBQ's has 16 adaLN blocks). Counted over every parameter of model.py's GPT (the
+24 blocks' 302.0M, the token / position / class embeddings, the final norm and the K-way head):
+336.9M with K = 16,384 (IBQ-B's tokenizer) and 840.2M with K = 262,144, where the input
+embedding and the head are 268.4M each.
 
 The paper's tokenizers: a file after this one sets the data, loss and output directory for a
 downloaded tokenizer (pretrained.py; encode commands in each file):

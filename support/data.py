@@ -18,11 +18,14 @@ Datasets and the reader of encoded token memmaps.
   (through encoded_meta / create_encoded / open_encoded / finish_encoded below, so the format
   lives in one file); train.py reads them. Missing / truncated files, incomplete meta.json,
   NaN / inf latents and codes or labels out of range are errors naming the file (and row) and
-  what was expected. create_encoded reserves the arrays' disk space up front: a full disk is an
-  error before any work, not a SIGBUS midway. Latents are stored as float16, or (meta
-  "latents_dtype": "int8", for D = 256 tokenizers) as int8 with a float16 scale per vector in
-  latents_scale.npy (latents.pack_latents: half the bytes); load_encoded then returns a
-  reader whose [idx] gives the float32 latents, so readers index both alike. With encode.py's
+  what was expected: codes, labels and int8 scales are scanned when the split is opened (small
+  arrays), float16 latents batch by batch as they are read (`finite_rows`; scanning them at every
+  start would read the whole file, 168 GB for ImageNet at D = 256). create_encoded reserves the
+  arrays' disk space up front: a full disk is an error before any work, not a SIGBUS midway.
+  Latents are stored as float16, or (meta "latents_dtype": "int8", for D = 256 tokenizers) as
+  int8 with a float16 scale per vector in latents_scale.npy (latents.pack_latents: half the
+  bytes); load_encoded then returns a reader whose [idx] gives the float32 latents, so readers
+  index both alike. With encode.py's
   `augment` (flip / ten-crop), rows i * views + r are the views of image i (meta "views").
 - `open_on_the_fly(...)`: the same (meta, codes, latents, labels) with no files: an
   OnTheFlySplit (on_the_fly.py) encodes each batch of images with the tokenizer as train.py reads it
@@ -299,14 +302,15 @@ def load_encoded(dir):
 
 
 def _check_values(dir, meta, arrays):
-    """Every latent finite (int8: every scale), every code in [0, K), every label in
-    [0, num_classes): else an error naming the file and its first bad row, not a NaN loss or
-    an index error many steps into training. Reads each array once, chunk by chunk."""
+    """Every int8 scale finite, every code in [0, K), every label in [0, num_classes): else an
+    error naming the file and its first bad row, not a NaN loss or an index error many steps into
+    training. Reads each of these arrays once, chunk by chunk; float16 latents (D times larger
+    than the codes) are checked per batch as they are read (finite_rows)."""
     K, C = meta["codebook_size"], meta["num_classes"]
-    checks = [("latents_scale" if "latents_scale" in arrays else "latents", np.isfinite,
-               "finite values (no NaN / inf)"),
-              ("codes", lambda a: (a >= 0) & (a < K), f"codes in [0, {K})"),
+    checks = [("codes", lambda a: (a >= 0) & (a < K), f"codes in [0, {K})"),
               ("labels", lambda a: (a >= 0) & (a < C), f"labels in [0, {C})")]
+    if "latents_scale" in arrays:
+        checks.insert(0, ("latents_scale", np.isfinite, "finite values (no NaN / inf)"))
     for name, ok, want in checks:
         row = first_bad_row(arrays[name], ok)
         if row is not None:
@@ -314,6 +318,23 @@ def _check_values(dir, meta, arrays):
             raise ValueError(f"{os.path.join(dir, name + '.npy')}: expected {want}, row {row} holds "
                              f"{values[~ok(values)][:5].tolist()}; re-encode it with "
                              "`python -m support.encode --overwrite=True`")
+
+
+def finite_rows(rows, idx, source):
+    """rows = source[idx] (B, h, w, D) latents of an encoded split (numpy), returned as they are
+    if every value is finite; else an error naming source's file and the first bad row's index in
+    it (encode.py never writes NaN / inf latents: the file was damaged after it). Tensors (an
+    OnTheFlySplit's, checked as it encodes them) pass through."""
+    if torch.is_tensor(rows):
+        return rows
+    good = np.isfinite(rows).reshape(len(rows), -1).all(1)
+    if not good.all():
+        i = int(np.argmin(good))
+        path = getattr(source, "filename", None) or getattr(getattr(source, "payload", None), "filename", "latents")
+        raise ValueError(f"{path}: expected finite latents (no NaN / inf), row {int(np.asarray(idx)[i])} holds "
+                         f"{rows[i][~np.isfinite(rows[i])][:5].tolist()}; re-encode the split with "
+                         "`python -m support.encode --overwrite=True`")
+    return rows
 
 
 # -----------------------------------------------------------------------------

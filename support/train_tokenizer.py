@@ -14,8 +14,11 @@ metrics.json and recon_<iter>.png. Then encode splits with encode.py.
 
 A scratch run refuses an out_dir that holds a run (resume it, or pick another out_dir). Resume
 is exact: the data order (common.batch_indices), flips and restarts (common.step_seed) are
-functions of (seed, step, rank), not of saved RNG states.
-Tests: python -m pytest -q tests/test_tokenizer.py (-m slow: exact resume, 2-rank torchrun)
+functions of (seed, step, rank), not of saved RNG states. A diverging run (too high a learning
+rate) stops, on every rank, at the first step whose loss or gradient norm is not finite, before
+its update: the error names the step and the last checkpoint, left as it was.
+Tests: python -m pytest -q tests/test_tokenizer.py (-m slow: exact resume, 2-rank torchrun),
+tests/test_train_hostile.py (bad settings, divergence)
 """
 
 import os
@@ -29,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support import data
+from support.checks import check_finite_step, check_lr_floor, check_seed
 from support.common import (batch_indices, batches_per_epoch, check_choice, check_range, check_resume,
                     config_diff, configure, init_distributed, load_checkpoint, lr_at,
                     prepare_run_dir, resume_decay_iters, save_checkpoint, setup_device, step_seed,
@@ -90,6 +94,8 @@ for _k in ("warmup_iters", "lr_decay_iters", "kmeans_iters", "num_workers", "min
            "grad_clip"):
     check_range(config, _k, 0)
 check_range(config, "learning_rate", 0, lo_open=True)
+check_lr_floor(config)
+check_seed(config)
 MODEL_KEYS = [f.name for f in fields(TokenizerConfig) if f.name != "in_channels"]
 # a resume must continue the same experiment: these change what a step means
 RESUME_KEYS = ("dataset", "seed", "batch_size", "random_flip")
@@ -102,6 +108,13 @@ def all_mean(x):
     if ddp:
         dist.all_reduce(x)
         x /= world_size
+    return x
+
+
+def max_over_ranks(x):
+    """The max of x over ranks, in place (a flag any rank raised)."""
+    if ddp:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
 
 
@@ -155,8 +168,7 @@ def resume(model, optimizer, cfg, ckpt_path, window):
 
 def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    if master:
-        prepare_run_dir(out_dir, init_from, RUN_FILES)
+    prepare_run_dir(out_dir, init_from, RUN_FILES)  # every rank: rank 0 locks out_dir, all stop on refusal
     train_ds, val_ds, num_classes, in_ch = load_datasets()
     n = len(train_ds)
     per_epoch = batches_per_epoch(n, world_size, batch_size)
@@ -193,6 +205,7 @@ def main():
 
     stream = epoch_batches(it)
     t0, metrics = time.time(), {}
+    ckpt_it = it if init_from == "resume" else None  # the step of the last checkpoint written
     while it < max_iters:
         try:
             x, _ = next(stream)
@@ -218,8 +231,10 @@ def main():
         objective = mse + commitment * commit
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+        # a diverged step stops the run (every rank) before its update and the codebook EMA
+        check_finite_step(objective, objective.new_zeros(()) if grad_norm is None else grad_norm, it + 1,
+                          ckpt_path, ckpt_it, reduce=max_over_ranks)
         optimizer.step()
         window.append(model.quantizer.update(codes, res))          # EMA, all-reduced (L, K)
         restarted = model.quantizer.restart_dead(codes, res, gen)
@@ -237,6 +252,7 @@ def main():
             util, ppl = usage_stats(sum(window))
             metrics.update(iter=it, train_seconds=time.time() - t0, train_util_window=util.tolist(),
                            train_ppl_window=ppl.tolist())
+            ckpt_it = it  # rank 0 writes it below
             if master:
                 print(f"eval iter {it} | val psnr {metrics['psnr']:.2f} | "
                       f"E||z||^2 {metrics['latent_power']:.4f} | "

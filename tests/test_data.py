@@ -544,16 +544,19 @@ def test_first_bad_row_vs_naive():
 
 @pytest.mark.parametrize("latents_dtype", ["float16", "int8"])
 def test_load_encoded_names_the_file_and_row_of_bad_values(tok, tmp_path, latents_dtype):
-    """NaN latents (int8: a NaN scale), codes >= K and labels out of range are found when the
-    split is opened, not as a NaN loss or an index error many steps later."""
+    """int8 scales that are NaN / inf, codes >= K and labels out of range are found when the
+    split is opened, not as a NaN loss or an index error many steps later. float16 latents are
+    not read when the split is opened (that would read the whole file at every start): their
+    batches are checked as they are read (test_nan_latents_are_found_in_the_batch_that_reads_them)."""
     good = tmp_path / "good"
     _encode(tok, good, _Images(N), latents_dtype=latents_dtype)
     data.load_encoded(str(good))
-    lat = "latents_scale" if latents_dtype == "int8" else "latents"
     fin = r"finite values \(no NaN / inf\)"
-    cases = [(lat, (17, 2, 1, 0), np.nan, fin, r"\[nan\]"), (lat, (5, 0, 0, 0), np.inf, fin, r"\[inf\]"),
-             ("codes", (9, 1, 2, 1), 16, r"codes in \[0, 16\)", r"\[16\]"),
+    cases = [("codes", (9, 1, 2, 1), 16, r"codes in \[0, 16\)", r"\[16\]"),
              ("labels", (3,), -1, r"labels in \[0, 3\)", r"\[-1\]")]
+    if latents_dtype == "int8":
+        cases += [("latents_scale", (17, 2, 1, 0), np.nan, fin, r"\[nan\]"),
+                  ("latents_scale", (5, 0, 0, 0), np.inf, fin, r"\[inf\]")]
     for i, (name, where, value, want, found) in enumerate(cases):
         d = _copy(good, tmp_path / f"bad{i}")
         a = np.load(d / f"{name}.npy", mmap_mode="r+")
@@ -562,6 +565,30 @@ def test_load_encoded_names_the_file_and_row_of_bad_values(tok, tmp_path, latent
         del a
         with pytest.raises(ValueError, match=rf"{d}/{name}.npy: expected {want}, row {where[0]} holds {found}"):
             data.load_encoded(str(d))
+
+
+def test_nan_latents_are_found_in_the_batch_that_reads_them(tok, tmp_path, monkeypatch):
+    """float16 latents: load_encoded reads only the small arrays (never latents.npy); finite_rows
+    checks a batch as it is read and names the file and the bad row's index in the split."""
+    d = tmp_path / "enc"
+    _encode(tok, d, _Images(N))
+    a = np.load(d / "latents.npy", mmap_mode="r+")
+    a[17, 2, 1, 0], a[20, 0, 0, 3] = np.nan, -np.inf
+    a.flush()
+    del a
+    scanned = []
+    real = data.first_bad_row
+    monkeypatch.setattr(data, "first_bad_row", lambda arr, ok: scanned.append(arr.shape) or real(arr, ok))
+    meta, codes, latents, labels = data.load_encoded(str(d))  # opens: the latents are not scanned
+    assert latents.shape not in scanned and len(scanned) == 2
+    idx = np.array([1, 4, 20, 17, 21])
+    assert data.finite_rows(latents[idx[:2]], idx[:2], latents) is not None
+    with pytest.raises(ValueError, match=rf"{d}/latents.npy: expected finite latents \(no NaN / inf\), "
+                                         r"row 20 holds \[-inf\]"):
+        data.finite_rows(latents[idx], idx, latents)
+    sorted_idx = np.sort(idx)
+    with pytest.raises(ValueError, match=r"row 17 holds \[nan\]"):
+        data.finite_rows(latents[sorted_idx], sorted_idx, latents)
 
 
 def test_nan_latents_while_encoding_are_an_error_naming_the_image(tok, tmp_path):

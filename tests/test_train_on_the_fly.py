@@ -232,7 +232,7 @@ def test_resume_rules(fly, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "r")
     run_train(fly_args(fly, out, max_iters=1))
     with pytest.raises(ValueError, match=r"incompatible.*'split': \('train', 'val'\)"):
-        run_train(fly_args(fly, out, max_iters=2, train_split="val", init_from="resume"))
+        run_train(fly_args(fly, out, max_iters=2, train_split="val", val_split="train", init_from="resume"))
     capsys.readouterr()
     run_train(fly_args(fly, out, max_iters=2, random_flip=True, data_root=fly[0], init_from="resume"))
     assert "'random_flip': (False, True)" in capsys.readouterr().out and weights(out)["iter"] == 2

@@ -7,6 +7,7 @@ clear errors.
     python -m pytest -q tests/test_train_snce_target.py
 """
 
+import math
 import os
 import sys
 
@@ -163,3 +164,29 @@ def test_resume_of_a_checkpoint_from_before_target_perplexity_was_a_switch(enc, 
         save_checkpoint(ck, ck_path)
         g = run_train(base_args(enc, out, max_iters=2, init_from="resume", **now))
         assert g["taus"] == ck["q_info"]["taus"] and not g["q_fresh"]
+
+
+def test_control_objective_same_softness_other_codes_exact_resume(enc, tmp_path):
+    """loss=control: the same taus and q statistics as loss=snce at one setting and the same
+    model at iter 0 (so the same val NLL), other targets from the first step on (its training
+    objective differs), and a resume replays its random codes exactly."""
+    kw = dict(target_perplexity=3.0, max_iters=4, lr_decay_iters=4, eval_interval=2, ema_decay=0.9)
+    snce, full, part = (str(tmp_path / n) for n in ("snce", "full", "part"))
+    run_train(base_args(enc, snce, loss="snce", **kw))
+    run_train(base_args(enc, full, loss="control", **kw))
+    ls, lc = (read_jsonl(os.path.join(d, "log.jsonl")) for d in (snce, full))
+    assert [r for r in ls if "snce_target" in r] == [r for r in lc if "snce_target" in r]
+    ev_s, ev_c = ([r for r in recs if "val_nll" in r] for recs in (ls, lc))
+    assert ev_s[0]["val_nll"] == ev_c[0]["val_nll"] and ev_s[0]["val_loss"] != ev_c[0]["val_loss"]
+    tr_s, tr_c = ([r["loss"] for r in recs if "loss" in r and "val_nll" not in r] for recs in (ls, lc))
+    assert len(tr_c) == 4 and all(map(math.isfinite, tr_c)) and tr_s[0] != tr_c[0]
+    run_train(base_args(enc, part, loss="control", **{**kw, "max_iters": 2}))
+    run_train(base_args(enc, part, loss="control", **kw, init_from="resume"))
+    assert_same_run(full, part)
+
+
+def test_control_objective_maskgit(enc, tmp_path):
+    out = str(tmp_path / "mg")
+    run_train(base_args(enc, out, loss="control", mode="maskgit", target_perplexity=3.0, max_iters=2))
+    recs = read_jsonl(os.path.join(out, "log.jsonl"))
+    assert all(math.isfinite(r["val_loss"]) for r in recs if "val_loss" in r)
