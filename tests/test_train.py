@@ -374,7 +374,7 @@ def test_bad_inputs_give_clear_errors(enc, tmp_path):
     bad(r"encoded differently.*'tokenizer'", val_dir=_copy_encoded(  # by another tokenizer (either meta form)
         enc[1], str(tmp_path / "v"), meta_update={"tokenizer_iter": 9, "tokenizer_fingerprint": "0" * 16}))
     bad("unknown config key 'learning_rat'", learning_rat=1e-3)
-    bad(r"'loss': expected one of \('ce', 'snce', 'ls'\), got 'mse'", loss="mse")
+    bad(r"'loss': expected one of \('ce', 'snce', 'ls', 'control'\), got 'mse'", loss="mse")
     bad(r"grid_classes: expected class ids in \[0, 3\)", grid_classes=(0, 3))
     bad(r"48 training items are too few for batch_size=64", batch_size=64)
     for key, value, rng in (("gradient_accumulation_steps", 0, r"\[1, inf\)"), ("batch_size", -4, r"\[1, inf\)"),
