@@ -403,10 +403,12 @@ def test_v2_plan_reports_three_tokenizers_and_never_the_tuning_seed():
     assert a.tune_seed not in {j.tok for j in rep} | {j.seed for j in rep}
     assert all(f"runs_tok{a.tune_seed}/" not in j.name for j in rep)
     by = {(j.K, j.label, j.seed): j for j in rep}
-    assert by[(512, "control", 2)].over == {"loss": "control", "target_perplexity": 25.0}
-    assert by[(512, "SNCE", 2)].over == {"loss": "snce", "target_perplexity": 25.0}
-    assert by[(512, "CE", 2)].over == {"loss": "ce", "dropout": 0.1}
-    assert by[(512, "LS", 2)].name == "k512/runs_tok2/ls0.3_s2"
+    K0 = min(a.ks)
+    assert by[(K0, "control", 2)].over == {"loss": "control", "target_perplexity": 25.0}
+    assert by[(K0, "SNCE", 2)].over == {"loss": "snce", "target_perplexity": 25.0}
+    assert by[(K0, "CE", 2)].over == {"loss": "ce", "dropout": 0.1}
+    assert by[(K0, "LS", 2)].name == f"k{K0}/runs_tok2/ls0.3_s2"
+    assert max(a.ks) > 16384   # a size above the first study's largest
     assert study_plan.tok_dir("o", 512, 2) == os.path.join("o", "k512", "tok_s2")
     for bad in (["--tune_seed", "1"], ["--tok_seeds", "1", "2"]):
         with pytest.raises(SystemExit):
