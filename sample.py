@@ -38,7 +38,7 @@ from support.checks import check_seed, check_tokenizer_fits
 from support.common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
-from support.data import save_grid, to_uint8
+from support.data import new_memmap, save_grid, to_uint8
 
 # -----------------------------------------------------------------------------
 # config
@@ -156,10 +156,23 @@ if num_samples:
         fid.check_num_samples(num_samples, features.dim)
     S = tok.config.image_size
     tmp = npz + ".tmp.npy"  # one name all ranks open; a killed run's is overwritten
+    err = None
     if master:
         os.makedirs(out, exist_ok=True)
         clean_stale_tmp(npz)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(num_samples, S, S, 3))
+        shape = (num_samples, S, S, 3)  # and room for the .npz copied from it (uncompressed)
+        try:  # space reserved up front: a full disk is an error now, not a SIGBUS midway
+            new_memmap(tmp, shape, np.uint8, f"{num_samples} samples and {npz}",
+                       extra_bytes=int(np.prod(shape)) + 8 * num_samples)
+        except OSError as e:
+            err = e
+    if ddp:  # every rank learns whether rank 0 could make the file: no rank waits forever
+        flag = torch.tensor(int(err is not None), device=dev)
+        dist.broadcast(flag, 0)
+        if flag.item() and err is None:
+            raise SystemExit(f"rank {rank}: rank 0 could not create {tmp} (its error says why)")
+    if err is not None:
+        raise err
     if ddp:
         dist.barrier()
     arr = np.load(tmp, mmap_mode="r+")

@@ -208,7 +208,7 @@ def create_encoded(dir, meta):
         for k, path in paths.items():
             np.lib.format.open_memmap(path, mode="w+", dtype=meta[f"{k}_dtype"],
                                       shape=tuple(meta[f"{k}_shape"]))
-            _reserve(path)
+            reserve_file(path)
     except OSError as e:
         for path in paths.values():
             if os.path.isfile(path):
@@ -220,9 +220,9 @@ def create_encoded(dir, meta):
     write_json(os.path.join(dir, "meta.json"), {**meta, "complete": False})
 
 
-def _reserve(path):
+def reserve_file(path):
     """Allocate every block of a (sparse) file; filesystems without fallocate support keep
-    the free-space check of create_encoded alone."""
+    the callers' free-space checks alone."""
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, os.path.getsize(path))
@@ -231,6 +231,29 @@ def _reserve(path):
             raise
     finally:
         os.close(fd)
+
+
+def new_memmap(path, shape, dtype, what, extra_bytes=0):
+    """A new .npy memmap (shape, dtype) at path, its disk space reserved up front, so a full disk
+    is an OSError(ENOSPC) "no space left on <dir>: need X bytes for <what>, have Y" before any
+    work instead of a SIGBUS midway; extra_bytes must fit too (e.g. a copy written from it
+    later). Nothing is left behind on failure."""
+    d = os.path.dirname(os.path.abspath(path))
+    need = int(np.prod(shape)) * np.dtype(dtype).itemsize + extra_bytes
+    have = shutil.disk_usage(d).free + (os.path.getsize(path) if os.path.isfile(path) else 0)
+    if need > have:
+        raise OSError(errno.ENOSPC, f"no space left on {d}: need {need:,} bytes for {what}, have {have:,}")
+    try:
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        reserve_file(path)
+    except OSError as e:
+        if os.path.isfile(path):
+            os.remove(path)
+        if e.errno != errno.ENOSPC:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on {d}: need {need:,} bytes for {what}, have "
+                      f"{shutil.disk_usage(d).free:,}") from None
+    return arr
 
 
 def _open_array(dir, name, meta, mode):

@@ -179,3 +179,25 @@ def test_moved_run_finds_its_tokenizer(trained, tmp_path):
     finally:
         os.rename(os.path.join(root, "tok.pt.away"), os.path.join(root, "tok.pt"))
     assert os.path.isfile(os.path.join(moved, "gen", "grid_cfg2_t1_k0_p1_ema.png"))
+
+
+def test_full_disk_is_an_error_before_sampling_and_leaves_no_temp(trained, tmp_path, monkeypatch):
+    """The samples' memmap is reserved up front (with room for the .npz copied from it): a full
+    disk is a clear ENOSPC error naming the folder before any sample is drawn, not a SIGBUS."""
+    import errno
+    import shutil
+    out, _ = trained
+    args = [f"--ckpt={out}/ckpt.pt", "--num_samples=3", "--batch_size=3", "--per_class=1", f"--out_dir={tmp_path}"]
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    with pytest.raises(OSError, match=r"no space left on .*: need [\d,]+ bytes for 3 samples"):
+        run_sample(args)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".npy") or f.endswith(".npz")]
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def full(fd, offset, length):                 # the check passed, the reservation fails
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"no space left on .*: need [\d,]+ bytes for 3 samples"):
+        run_sample(args)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".npy") or f.endswith(".npz")]
