@@ -204,19 +204,15 @@ def create_encoded(dir, meta):
                       f"arrays, have {have:,}")
     if os.path.isfile(os.path.join(dir, "meta.json")):  # arrays about to change: not complete
         os.remove(os.path.join(dir, "meta.json"))
-    try:
+    try:  # each array reserved by new_memmap; a failure removes the ones made before it
         for k, path in paths.items():
-            np.lib.format.open_memmap(path, mode="w+", dtype=meta[f"{k}_dtype"],
-                                      shape=tuple(meta[f"{k}_shape"]))
-            reserve_file(path)
-    except OSError as e:
+            new_memmap(path, tuple(meta[f"{k}_shape"]), meta[f"{k}_dtype"],
+                       f"{k}.npy ({need:,} bytes for the encoded arrays in all)")
+    except OSError:
         for path in paths.values():
             if os.path.isfile(path):
                 os.remove(path)
-        if e.errno != errno.ENOSPC:
-            raise
-        raise OSError(errno.ENOSPC, f"no space left on {dir}: need {need:,} bytes for the encoded "
-                      f"arrays, have {shutil.disk_usage(dir).free:,}") from None
+        raise
     write_json(os.path.join(dir, "meta.json"), {**meta, "complete": False})
 
 
