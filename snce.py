@@ -35,12 +35,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from support.snce_kernels import (METRICS, acc_dtype, as_tau, check_chunk, check_codebook,
-                                  check_hard, check_inputs, check_inverse_tau, check_levels,
-                                  check_metric, check_teacher_range, chunks, compile_available,
-                                  compiled_soft_chunk, default_chunk, grad_output_scales,
-                                  level_scales, n_rows, need_tensor, reduce, reduce_levels,
-                                  row_scale_of, rowdot, rows_of, use_compile)
+from support.snce_kernels import (METRICS, acc_dtype, accumulate_mm, as_tau, check_chunk,
+                                  check_codebook, check_hard, check_inputs, check_inverse_tau,
+                                  check_levels, check_metric, check_teacher_range, chunks,
+                                  compile_available, compiled_soft_chunk, default_chunk,
+                                  grad_output_scales, level_scales, n_rows, need_tensor, reduce,
+                                  reduce_levels, row_scale_of, rowdot, rows_of, use_compile)
 
 
 # -----------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def nearest_code(latents, codebook, metric="l2", chunk_size=None):
     check_codebook(latents, codebook)
     K, D = codebook.shape
     z, A = linear_teacher(latents.reshape(-1, D), codebook, 0.0, metric)     # (N, D'), (K, D')
-    n = check_chunk(chunk_size) or default_chunk(K)
+    n = check_chunk(chunk_size) or default_chunk(K, device=z.device)
     out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
     # fp32 even inside the tokenizer's bf16 autocast: bf16 distances pick other codes (near
     # ties) than encoding in fp32 does
@@ -235,7 +235,7 @@ def snce_loss(logits, latents, codebook, tau=1.0, metric="l2", mask=None, chunk_
     with torch.autocast(logits.device.type, enabled=False):
         tg = _Targets(latents, codebook, tau, metric, targets, label_smoothing, K,
                       acc_dtype(logits))
-        chunk_size = chunk_size or default_chunk(K)
+        chunk_size = chunk_size or default_chunk(K, device=logits.device)
         tg.fast = use_compile(compile, logits.device)
         args = (logits.reshape(-1, K), tg, idx, chunk_size, reduction)
         if torch.is_grad_enabled() and logits.requires_grad:
@@ -291,7 +291,7 @@ def _fused_pass(hidden, weight, bias, tgs, idxs, chunk_size, row_scale, needs):
                 gh[:, l][rows] = g @ w
             if gw is not None:
                 if low:
-                    gw.add_(g.t() @ h)
+                    accumulate_mm(gw, g.t(), h)
                 else:
                     gw.addmm_(g.t(), h)
             if gb is not None:
@@ -322,7 +322,7 @@ def fused_linear_snce_levels(hidden, weight, latents, codebooks, taus, metric="l
     with torch.autocast(hidden.device.type, enabled=False):
         tgs = [_Targets(zs[l], cbs[l], taus[l], metric, tgts[l], label_smoothing, K,
                         acc_dtype(hidden)) for l in range(L)]
-        chunk_size = chunk_size or default_chunk(K, 4 * H)
+        chunk_size = chunk_size or default_chunk(K, 4 * H, hidden.device)
         for tg in tgs:
             tg.fast = fast
         args = (hidden.reshape(M, L, H), weight, bias, tgs, idxs, chunk_size, reduction)

@@ -16,9 +16,8 @@ is recorded and the next one runs; the report is rewritten after every part):
     Loss benchmark python -m support.bench_snce at the GPU size 16384 x 1024 x 131072 (bf16)
                    against the peers it supports (torch, Cut Cross-Entropy, Liger when installed)
     Chunk sizes    fused_linear_snce at an IBQ-B step (6,144 rows, H = 1024) for K = 131,072 and
-                   262,144 over several chunk_size values: snce_kernels.default_chunk budgets two
-                   fp32 (chunk, K) buffers at 128 MiB, a CPU's size; this table is the data for
-                   a device-sized default.
+                   262,144 over several chunk_size values against snce_kernels.default_chunk's
+                   device size (two fp32 (chunk, K) buffers within min(4 GiB, memory / 16)).
 Without CUDA (and without --device cpu) it exits with status 2 and says why.
 """
 
@@ -244,9 +243,10 @@ def chunk_sweep(device, small, reps, emit=print):
 def part_chunks(args, work):
     cmd = [sys.executable, "-m", "support.gpu_check", "--part", "chunks", "--device", args.device,
            "--reps", str(args.reps)] + (["--small"] if args.small else [])
-    text = ("The fused loss's default chunk (support/snce_kernels.py default_chunk: two fp32 "
-            "(chunk, K) buffers within 128 MiB) is a CPU's size; each chunk re-reads the whole "
-            "head weight. Choose a device-sized default from these rows.\n\n")
+    text = ("The fused loss's default chunk on a GPU (support/snce_kernels.py default_chunk: "
+            "two fp32 (chunk, K) buffers within min(4 GiB, memory / 16), multiples of 128 rows) "
+            "against other sizes: each chunk re-reads the whole head weight and read-modify-writes "
+            "the fp32 grad_weight, so these rows show what larger chunks buy.\n\n")
     try:
         rc, out = run_cmd(cmd, args.timeout_chunks, os.path.join(work, "chunks.log"))
     except PartTimeout as e:

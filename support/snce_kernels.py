@@ -19,7 +19,12 @@ import warnings
 import torch
 
 METRICS = ("l2", "cos", "dot")
-CHUNK_BYTES = 128 * 2**20  # budget for one chunk's two (rows, K) fp32 scratch buffers
+CHUNK_BYTES = 128 * 2**20  # CPU budget for one chunk's two (rows, K) fp32 scratch buffers
+# On a GPU the cost of a chunk is not its buffers but what it re-reads: every chunk reads the
+# (K, H) head weight twice (logits, grad_hidden) and read-modify-writes the fp32 (K, H)
+# grad_weight accumulator, so chunks are as many rows as this budget allows (at most 1/16 of the
+# device's memory), in multiples of 128 rows (tensor-core tiles), at least 256
+DEVICE_CHUNK_BYTES = 4 * 2**30
 ROWDOT_BYTES = CHUNK_BYTES // 8  # rowdot's (rows, K) block of products, besides the two
 
 
@@ -206,10 +211,52 @@ def check_levels(hidden, weight, bias, latents, codebooks, taus, mask, targets, 
 # chunks, row scales, reductions
 
 
-def default_chunk(K, extra_bytes_per_row=0):
-    """Rows per chunk so two fp32 (rows, K) buffers stay within CHUNK_BYTES."""
+def chunk_budget(device=None):
+    """Bytes for one chunk's scratch on this device: CHUNK_BYTES on a CPU (cache-sized blocks),
+    min(DEVICE_CHUNK_BYTES, memory / 16) on a GPU."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        return CHUNK_BYTES
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(DEVICE_CHUNK_BYTES, total // 16)
+
+
+def default_chunk(K, extra_bytes_per_row=0, device=None):
+    """Rows per chunk so two fp32 (rows, K) buffers (plus extra bytes a row) fit chunk_budget:
+    on a CPU multiples of 8 rows, at least 8; on a GPU multiples of 128, at least 256 (at
+    K = 262,144 and H = 1,024 on an 80 GiB GPU: 1,920 rows, not the CPU budget's 56)."""
     per_row = 2 * 4 * K + extra_bytes_per_row
-    return max(8, (CHUNK_BYTES // per_row) // 8 * 8)
+    rows = chunk_budget(device) // per_row
+    if torch.device("cpu" if device is None else device).type == "cuda":
+        return max(256, rows // 128 * 128)
+    return max(8, rows // 8 * 8)
+
+
+ADDMM_OUT_DTYPE = {}   # device type -> whether addmm(out_dtype=fp32) accumulates bf16 in place
+
+
+def accumulate_mm(acc, a, b):
+    """acc (K, H) fp32 += a (K, c) @ b (c, H) for low-precision a, b: in place through
+    addmm's out_dtype where the device has it (CUDA), so no (K, H) temporary per chunk; else
+    acc += a @ b (the product in a's dtype, then added). Probed once per device type on a tiny
+    product, so an unsupported build falls back instead of failing."""
+    kind = acc.device.type
+    if kind not in ADDMM_OUT_DTYPE:
+        ok = False
+        if kind == "cuda":
+            try:
+                x = torch.ones(2, 3, dtype=a.dtype, device=acc.device)
+                y = torch.ones(3, 2, dtype=a.dtype, device=acc.device)
+                o = torch.ones(2, 2, dtype=acc.dtype, device=acc.device)
+                torch.addmm(o, x, y, out_dtype=acc.dtype, out=o)
+                ok = bool((o == 4).all())
+            except (RuntimeError, TypeError):
+                ok = False
+        ADDMM_OUT_DTYPE[kind] = ok
+    if ADDMM_OUT_DTYPE[kind]:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def chunks(n_rows, idx, chunk_size):

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 from model import GPT, MODELS, GPTConfig  # noqa: E402
 from snce import (METRICS, fused_linear_snce, fused_linear_snce_levels, nearest_code,  # noqa: E402
                   neighbor_probs, snce_loss)
-from support import gpu_check  # noqa: E402
+from support import gpu_check, snce_kernels  # noqa: E402
 from test_snce import dense_loss, naive_d  # noqa: E402  the float64 references of test_snce.py
 
 DEVICE = os.environ.get("GPU_CHECK_DEVICE", "cuda")
@@ -135,6 +135,26 @@ def check_levels(record, got, ref, grads_of, tol, weights):
     gr = torch.autograd.grad((ref * weights.double()).sum(), grads_of[1])
     for name, a, b in zip(("grad hidden", "grad weight", "grad bias"), gg, gr):
         record(name, rel_err(a, b), tol)
+
+
+@gpu_test
+def test_grad_weight_accumulates_in_place(record):
+    """The bf16 grad_weight sum per chunk: on CUDA addmm(out_dtype=fp32) adds into the fp32
+    accumulator without a (K, H) bf16 temporary; the probe must find it, and the sum must match
+    float64 to fp32 precision (the CPU fallback rounds each product to bf16 first)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(512, 300, generator=g).to(DEVICE, torch.bfloat16)
+    b = torch.randn(300, 64, generator=g).to(DEVICE, torch.bfloat16)
+    acc = torch.randn(512, 64, generator=g).to(DEVICE)
+    ref = acc.double().cpu() + a.double().cpu() @ b.double().cpu()
+    snce_kernels.accumulate_mm(acc, a, b)
+    if DEVICE == "cuda":
+        assert snce_kernels.ADDMM_OUT_DTYPE["cuda"], "addmm(out_dtype=fp32) unavailable: a (K, H) temporary per chunk"
+        record("addmm out_dtype", rel_err(acc, ref), 1e-5)
+    else:
+        record("bf16 product then add", rel_err(acc, ref), 1e-2)
+    rows = snce_kernels.default_chunk(262144, 4 * 1024, DEVICE)
+    assert rows >= (256 if DEVICE == "cuda" else 8)
 
 
 @gpu_test

@@ -206,6 +206,40 @@ def test_rowdot_is_the_row_sum_of_products(monkeypatch):
         assert torch.equal(got, (a * b).sum(1, keepdim=True))
 
 
+def test_default_chunk_is_sized_for_the_device(monkeypatch):
+    """CPU: two fp32 (rows, K) buffers within 128 MiB, multiples of 8. CUDA: rows as many as
+    min(4 GiB, memory / 16) allows, multiples of 128, at least 256 (device memory faked here)."""
+    MiB, GiB = 2**20, 2**30
+    assert snce_kernels.default_chunk(4096) == 128 * MiB // (8 * 4096) == 4096
+    assert snce_kernels.default_chunk(262144, 4 * 1024) == 56   # a CPU's size: IBQ-B's head
+    assert snce_kernels.default_chunk(10**9) == 8
+
+    class Props:
+        total_memory = 80 * GiB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = torch.device("cuda", 0)
+    assert snce_kernels.chunk_budget(cuda) == 4 * GiB
+    assert snce_kernels.default_chunk(262144, 4 * 1024, cuda) == (4 * GiB // (8 * 262144 + 4096)) // 128 * 128 == 1920
+    assert snce_kernels.default_chunk(131072, 4 * 1024, "cuda") == 3968
+    Props.total_memory = 16 * GiB     # 1 GiB budget
+    assert snce_kernels.default_chunk(262144, 4 * 1024, cuda) == 384
+    assert snce_kernels.default_chunk(10**9, 0, cuda) == 256
+    assert snce_kernels.chunk_budget("cpu") == snce_kernels.CHUNK_BYTES
+
+
+def test_accumulate_mm_adds_the_product_in_fp32():
+    """acc += a @ b for bf16 a, b into an fp32 acc, against float64 (the CPU has no
+    addmm(out_dtype) and takes the fallback; test_cuda.py checks the in-place path)."""
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(40, 9, generator=g).bfloat16(), torch.randn(9, 16, generator=g).bfloat16()
+    acc = torch.randn(40, 16, generator=g)
+    ref = acc.double() + a.double() @ b.double()
+    out = snce_kernels.accumulate_mm(acc, a, b)
+    assert out is None and acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), ref, rtol=0, atol=0.05)   # the bf16 product's rounding
+    assert snce_kernels.ADDMM_OUT_DTYPE["cpu"] is False
+
+
 def test_eager_chunk_op_count_does_not_grow_with_rows():
     """The eager soft chunk is a fixed number of batched ops, not one call per row (per-row
     BLAS calls each wait on the thread pool, which stalls on a busy CPU)."""
