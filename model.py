@@ -10,7 +10,10 @@ The compact generator transformer: one GPT-style model with two modes over resid
 Tokens are the tokenizer's codes of shape (h, w, L), flattened position-major, level-minor:
 token t sits at spatial position t // L and RQ level t % L, so T = h * w * L. Every slot gets a
 learned spatial embedding (h * w of them) and a per-level embedding (L of them, as CODA does);
-the token table is shared by all levels (the level embedding tells them apart).
+the token table is shared by all levels (the level embedding tells them apart). With
+`level_vocab` (K_1, .., K_L) the levels are instead the sub-tokens of one implicit code (LFQ /
+FSQ), each with its own vocabulary and head: support/factorized.py's FactorizedGPT, built on the
+hooks `embed`, `level_head` and `_draw_masked` below.
 
 Class conditioning uses a learned null class (id `num_classes`) for classifier-free guidance:
 in training, labels are replaced by the null class with probability `class_dropout`; at sampling,
@@ -64,6 +67,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear / LayerNorm layers, including the head
     mask_schedule: str = "cosine"  # maskgit: 'cosine' or 'arccos' fraction-masked schedule
+    # per-level vocabularies (K_1, .., K_L), each <= vocab_size: the L levels are sub-tokens of
+    # one implicit code with a head each (support/factorized.py); () = one K-way head for all
+    level_vocab: tuple = ()
 
     def __post_init__(self):
         def bad(what, val):
@@ -81,6 +87,12 @@ class GPTConfig:
             bad("num_classes", f"an int >= 0, got {self.num_classes!r}")
         if self.n_embd % self.n_head:
             bad("n_embd", f"a multiple of n_head={self.n_head}, got {self.n_embd}")
+        self.level_vocab = tuple(self.level_vocab)
+        if self.level_vocab and (len(self.level_vocab) != self.levels or any(
+                not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.vocab_size
+                for k in self.level_vocab)):
+            bad("level_vocab", f"() or {self.levels} ints in [1, vocab_size={self.vocab_size}], "
+                f"got {self.level_vocab!r}")
         for f in ("class_dropout", "dropout"):
             v = getattr(self, f)
             if not 0.0 <= v < 1.0:
@@ -208,6 +220,8 @@ SAMPLE_ROWS = 4096
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.level_vocab and type(self) is GPT:
+            raise ValueError("GPTConfig.level_vocab: build support.factorized.FactorizedGPT, not GPT")
         self.config = config
         K, C = config.vocab_size, config.n_embd
         self.mask_token = K if config.mode == "maskgit" else None  # input-only id, never predicted
@@ -273,17 +287,25 @@ class GPT(nn.Module):
         """Spatial + level embedding of slots [start, start + n): (n, C)."""
         return self.pos_emb(self.slot_pos[start : start + n]) + self.lvl_emb(self.slot_lvl[start : start + n])
 
+    def embed(self, tokens, start):
+        """Token embeddings (B, n, C) of tokens (B, n) at token positions [start, start + n)."""
+        return self.tok_emb(tokens)
+
+    def level_head(self, level):
+        """The head that predicts tokens of RQ level `level`: the one K-way head for all."""
+        return self.head
+
     def _hidden(self, codes, labels, mask=None):
         """Unchecked forward: codes (B, T) long, labels (B,) long incl. null -> (B, T, C)."""
         cls = self.cls_emb(labels)[:, None]  # (B, 1, C)
         if self.config.mode == "ar":
             # input slot t holds token t-1 (slot 0: the class) plus the position/level embedding
             # of token t, the one it predicts, so the model knows which level comes next
-            x = torch.cat([cls, self.tok_emb(codes[:, :-1])], dim=1) + self._slot_emb(0, codes.size(1))
+            x = torch.cat([cls, self.embed(codes[:, :-1], 0)], dim=1) + self._slot_emb(0, codes.size(1))
         else:
             if mask is not None:
                 codes = codes.masked_fill(mask, self.mask_token)
-            x = torch.cat([cls, self.tok_emb(codes) + self._slot_emb(0, codes.size(1))], dim=1)
+            x = torch.cat([cls, self.embed(codes, 0) + self._slot_emb(0, codes.size(1))], dim=1)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
@@ -326,7 +348,7 @@ class GPT(nn.Module):
         Per sample: r ~ U[0, 1), n = clamp(ceil(gamma(r) * T), 1, T) random positions masked,
         gamma the config's cosine/arccos schedule, so at least one token is always masked."""
         T = self.config.seq_len if T is None else T
-        device = device if device is not None else self.head.weight.device
+        device = device if device is not None else self.lvl_emb.weight.device
         gdev = generator.device if generator is not None else device
         r = torch.rand(B, generator=generator, device=gdev)
         n = (mask_fraction(r, self.config.mask_schedule) * T).ceil().clamp(1, T)
@@ -350,7 +372,7 @@ class GPT(nn.Module):
         * Gumbel noise (MaskGIT's annealed choice noise); unmasked tokens are never re-masked.
         """
         cfg = self.config
-        device = self.head.weight.device
+        device = self.lvl_emb.weight.device
         if labels is None:
             if num_samples is None:
                 raise ValueError("generate: expected labels (B,) or num_samples for unconditional")
@@ -390,7 +412,7 @@ class GPT(nn.Module):
         token t and holds token t - 1 (slot 0: the class). So for p = cache.pos > 0, tokens (B, n)
         are tokens [p - 1, p - 1 + n); at p = 0, the n - 1 after the class (None: the class alone)."""
         p = cache.pos
-        x = None if tokens is None else self.tok_emb(tokens)
+        x = None if tokens is None else self.embed(tokens, max(p - 1, 0))
         if p == 0:
             cls = self.cls_emb(labels)[:, None]  # (B, 1, C)
             x = cls if x is None else torch.cat([cls, x], dim=1)
@@ -408,7 +430,7 @@ class GPT(nn.Module):
         for t in range(T):
             prev = codes[:, t - 1 : t].repeat(reps, 1) if t else None  # both cfg halves: the same token
             hidden = self._ar_step(labels, prev, cache)[:, -1]           # (reps B, C)
-            logits = self.head(self._guided(hidden, cfg_scale))         # (B, K)
+            logits = self.level_head(t % self.config.levels)(self._guided(hidden, cfg_scale))  # (B, K)
             codes[:, t] = sample_logits(logits, temperature, top_k, top_p, generator)
         return codes
 
@@ -425,15 +447,10 @@ class GPT(nn.Module):
         for s in range(steps):
             hidden = self._guided(self._hidden(codes.repeat(reps, 1), labels, masked.repeat(reps, 1)),
                                   cfg_scale)                                   # (B, T, C)
-            # only the masked positions are drawn (known tokens stay): (n, C), row-major order
-            picks, logps = [], []
-            for h in hidden[masked].split(SAMPLE_ROWS):
-                lf = self.head(h).float()                                       # (rows, K)
-                tok = sample_logits(lf, temperature, top_k, top_p, generator)
-                logps.append(lf.gather(-1, tok[:, None])[:, 0] - lf.logsumexp(-1))  # log p(tok)
-                picks.append(tok)
-            sampled = codes.masked_scatter(masked, torch.cat(picks))
-            logp = torch.zeros(B, T, device=device).masked_scatter(masked, torch.cat(logps))
+            # only the masked positions are drawn (known tokens stay): (n,), row-major order
+            tok, lp = self._draw_masked(hidden, masked, temperature, top_k, top_p, generator)
+            sampled = codes.masked_scatter(masked, tok)
+            logp = torch.zeros(B, T, device=device).masked_scatter(masked, lp)
             # masked after this step: floor(gamma((s + 1) / steps) * T), at least one fewer, none at the end
             ratio = (s + 1) / steps
             n_cur = int(masked[0].sum())  # the same in every row
@@ -448,3 +465,18 @@ class GPT(nn.Module):
                 remask.scatter_(1, torch.topk(conf, n_next, dim=1, largest=False).indices, True)
             codes, masked = sampled, remask
         return codes
+
+    def _draw_masked(self, hidden, masked, *sampling):
+        """Tokens and their log p (n,), (n,) for the masked slots of hidden (B, T, C), row-major."""
+        return self._draw_rows(hidden[masked], self.head, *sampling)
+
+    @staticmethod
+    def _draw_rows(h, head, temperature, top_k, top_p, generator):
+        """Draw from head(h) for rows h (n, C), SAMPLE_ROWS at a time: tokens (n,), log p (n,)."""
+        picks, logps = [], []
+        for rows in h.split(SAMPLE_ROWS):
+            lf = head(rows).float()                                             # (rows, K)
+            tok = sample_logits(lf, temperature, top_k, top_p, generator)
+            logps.append(lf.gather(-1, tok[:, None])[:, 0] - lf.logsumexp(-1))  # log p(tok)
+            picks.append(tok)
+        return torch.cat(picks), torch.cat(logps)

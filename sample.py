@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import GPT, GPTConfig
+from model import GPTConfig
 from support import fid
 from support.checks import check_seed, check_tokenizer_fits
 from support.common import (append_jsonl, atomic_path, check_range, clean_stale_tmp, configure,
                     init_distributed, load_checkpoint, resolve_path, setup_device, shard_range,
                     warn_ignored)
 from support.data import new_memmap, save_grid, to_uint8
+from support.factorized import join_sub_tokens, make_gpt
 
 # -----------------------------------------------------------------------------
 # config
@@ -82,7 +83,7 @@ _, _, autocast = setup_device(dev, dtype)
 ck = load_checkpoint(ckpt, map_location=dev, what="generator checkpoint")
 if "model_args" not in ck or "meta" not in ck or "tokenizer_ckpt" not in ck:
     raise ValueError(f"{ckpt} is not a train.py checkpoint (no model_args / meta / tokenizer_ckpt)")
-model = GPT(GPTConfig(**ck["model_args"])).to(dev).eval()
+model = make_gpt(GPTConfig(**ck["model_args"])).to(dev).eval()
 weights = ck["ema"] if use_ema and ck.get("ema") is not None else ck["model"]
 model.load_state_dict(weights)
 maskgit = model.config.mode == "maskgit"
@@ -100,6 +101,8 @@ def load_tokenizer(ck, dev, verbose=True):
     tok = load_any_tokenizer(path, dev, ck["meta"].get("image_size"), verbose)
     a = ck["model_args"]
     want = {"K": a["vocab_size"], "L": a["levels"], "grid": (a["grid_h"], a["grid_w"])}
+    if a.get("level_vocab"):  # train.py's token_groups: sub-tokens of one implicit code per position
+        want.update(K=int(np.prod(a["level_vocab"])), L=1)
     check_tokenizer_fits(tok, path, "trained", ckpt, want,
                          ck.get("tokenizer_fingerprint") or ck["meta"].get("tokenizer_fingerprint"),
                          "pass --tokenizer_ckpt= the tokenizer that encoded the generator's training data")
@@ -138,7 +141,10 @@ else:
 def generate(labels, g):
     """Class labels (b,) -> decoded images (b, C, S, S) in [-1, 1]."""
     with autocast:
-        return tok.decode(model.generate(labels.to(dev), generator=g, **kw)).float()
+        codes = model.generate(labels.to(dev), generator=g, **kw)
+        if model.config.level_vocab:  # (b, h, w, G) sub-tokens -> (b, h, w, 1) codes
+            codes = join_sub_tokens(codes, model.config.level_vocab)
+        return tok.decode(codes).float()
 
 
 # ---- the grid: one row per class (rank 0) ----

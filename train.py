@@ -12,6 +12,8 @@ line, and how soft the SNCE target is (tau, or --target_perplexity).
     python train.py config/train_mnist.py --loss=ce --out_dir=out/train_mnist_ce
     python train.py config/train_mnist.py --init_from=resume       # continue a killed run exactly
     python train.py config/study/train.py --target_perplexity=95 --out_dir=out/study/p95
+    python train.py config/train_mnist.py --data_dir=$ENC/train --val_dir=$ENC/val \
+        --tokenizer_ckpt=imagenet_256_L.ckpt --token_groups=6,12 --tau=0.5   # LFQ codes, two heads
     python train.py config/train_mnist.py --data_source=images \
         --tokenizer_ckpt=out/tokenizer_mnist/ckpt.pt --out_dir=out/train_mnist_fly
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py config/train_mnist.py \
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, MODELS, GPTConfig
+from model import MODELS, GPTConfig
 from snce import fused_linear_snce_levels
 from support import data
 from support.checks import (SPLIT_KEYS, check_distinct_splits, check_encoding_tokenizer, check_finite_step,
@@ -43,6 +45,7 @@ from support.common import (append_jsonl, batch_indices, batches_per_epoch, init
                             load_checkpoint, lr_at, portable_path, prepare_run_dir, read_jsonl, resolve_path,
                             resume_decay_iters, rewrite_jsonl, save_checkpoint, setup_device, step_seed)
 from support.config import configure
+from support.factorized import TokenGroups, make_gpt
 from support.geometry_control import control_generator, control_level_losses
 from support.pretrained import load_any_tokenizer, open_tokenizer
 from support.sample_metrics import load_scorer, real_feature_stats, score_samples
@@ -80,6 +83,7 @@ target_perplexity = 0.0      # > 0: calibrate one tau per level so mean exp H(q)
 tau_scale = "none"           # none: tau as is | gap: level l uses tau x its median nearest-code gap
 metric = ""                  # l2 | cos | dot; default: the tokenizer's (meta.json)
 label_smoothing = 0.1        # eps of loss=ls
+token_groups = ()            # implicit codes (LFQ / FSQ): sub-token sizes in dims, e.g. 6,12: a head each
 # optimization
 batch_size = 64              # per rank, per micro-step
 gradient_accumulation_steps = 1  # global: divided by the world size
@@ -161,7 +165,13 @@ if data_source == "encoded":
     tok = load_any_tokenizer(tok_path, device, meta.get("image_size"), verbose=master).requires_grad_(False)
     tok_fp = check_encoding_tokenizer(tok, tok_path, data_dir, meta, codes_mm, latents_mm)
 soft = loss in ("snce", "control")  # targets from the latents: q of Eq. 5 (control: q permuted)
-codebooks = tok.codebooks.detach().float() if soft else None  # (L, K, D)
+# factorised heads (support/factorized.py): each position's implicit code (L = 1) becomes G
+# sub-tokens laid out as G levels (h, w, G), sub-token g's target the marginal q_g of Eq. 5
+groups = TokenGroups(tok, token_groups, L, D, device) if token_groups else None
+if groups:
+    groups.check_options(loss, target_perplexity, tau_scale, metric)
+    L = len(token_groups)
+codebooks = tok.codebooks.detach().float() if soft and not groups else None  # (L, K, D)
 
 
 def on_device(rows, np_dtype=None):
@@ -174,14 +184,16 @@ def on_device(rows, np_dtype=None):
 
 def get_batch(codes_src, latents_src, labels_src, idx):
     """-> codes (B, h, w, L) long, residuals (B, h*w*L, D) fp32 (snce only), labels (B,).
-    On the fly (data_source=images) the three reads encode the batch once."""
+    On the fly (data_source=images) the three reads encode the batch once. token_groups: codes
+    (B, h, w, G) sub-tokens and the latents z (B, h*w, D) themselves."""
     codes = on_device(codes_src[idx], np.int64)
+    codes = groups.split(codes) if groups else codes
     labels = on_device(labels_src[idx], np.int64)
     res = None
     if soft:  # r_l = z - sum_{j<l} C_j[t_j] (a gather and an exclusive cumsum), token order (h, w, L)
         z = data.finite_rows(latents_src[idx], idx, latents_src)  # NaN would make q (Eq. 5) NaN
         z = on_device(z)
-        res = residuals_from(z, codes, codebooks).reshape(len(idx), -1, D)
+        res = (z if groups else residuals_from(z, codes, codebooks)).reshape(len(idx), -1, D)
     return codes, res, labels
 
 
@@ -192,7 +204,8 @@ def residual_sample():
 
 
 # ---- model, optimizer, and the checkpoint we continue from ----
-model_args = dict(mode=mode, vocab_size=K, levels=L, grid_h=grid_h, grid_w=grid_w,
+model_args = dict(mode=mode, vocab_size=max(groups.level_vocab) if groups else K, levels=L,
+                  **({"level_vocab": groups.level_vocab} if groups else {}), grid_h=grid_h, grid_w=grid_w,
                   num_classes=num_classes, class_dropout=class_dropout, dropout=dropout, bias=bias,
                   mask_schedule=mask_schedule, **MODELS[model_size])
 # what the run learns from; on the fly also which images: another source, dataset or split is
@@ -219,7 +232,7 @@ if init_from == "resume":
 # ---- SNCE's target: per-level taus on a fixed sample of training residuals, and how soft q is
 # at them (support/snce_target.py); a resume with the same setting reuses the stored taus ----
 q_info, q_fresh = None, False
-if soft:
+if soft and not groups:  # token_groups: tau as given, for every group
     if ck is not None and "taus" in ck and same_target:
         q_info = ck.get("q_info") or snce_target(residual_sample(), codebooks, metric, taus=ck["taus"], verbose=master)
     else:
@@ -229,7 +242,7 @@ taus = q_info["taus"] if q_info else [float(tau)] * L
 gptconf = GPTConfig(**model_args)
 model_args = asdict(gptconf)
 torch.manual_seed(seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-raw_model = GPT(gptconf).to(device)
+raw_model = make_gpt(gptconf).to(device)
 optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 ema = copy.deepcopy(raw_model).requires_grad_(False) if ema_decay > 0 else None
 if ck is not None:
@@ -275,13 +288,16 @@ def level_losses(hidden, codes, res, mask, kind=loss, gen=None):
     """Per-level loss sums (L,) and counted tokens (L,). hidden (B, T, H) is viewed as
     (B, h*w, L, H): level l's rows get q from r_l against codebook l (Eq. 5, kind='snce'), or
     hard targets from the stored codes (kind='ce', or 'ls' smoothed by label_smoothing); kind
-    'control': q with its values moved to random codes drawn from gen (geometry_control.py)."""
+    'control': q with its values moved to random codes drawn from gen (geometry_control.py).
+    token_groups: level g is sub-token g, through its own head against q_g (factorized.py)."""
     B, H = hidden.shape[0], hidden.shape[-1]
     hid, cod = hidden.view(B, -1, L, H), codes.view(B, -1, L)
     msk = None if mask is None else mask.view(B, -1, L)
-    w, b = raw_model.head.weight, raw_model.head.bias   # under no_grad the loss does no grad work
     counts = (torch.full((L,), hid.shape[0] * hid.shape[1], device=hidden.device) if msk is None
               else msk.sum((0, 1)))
+    if groups:
+        return groups.level_losses(raw_model, hid, cod, res, msk, kind, taus, label_smoothing), counts
+    w, b = raw_model.head.weight, raw_model.head.bias   # under no_grad the loss does no grad work
     if kind == "control":  # materialised logits, per level: a measuring instrument, not for scale
         return control_level_losses(hid, w, b, res.view(B, -1, L, D), codebooks, taus, cod, metric, msk, gen), counts
     if kind == "snce":  # one call for all levels: one fp32 grad_weight accumulator (K, H), not L
@@ -317,7 +333,8 @@ def max_over_ranks(x):
 @torch.no_grad()
 def evaluate():
     """Held-out hard-label token NLL (CE on the stored codes: the same number whatever the
-    training objective, so runs compare) and the training objective, per level too. All ranks
+    training objective, so runs compare) and the training objective, per level too (token_groups:
+    per sub-token, so a position's code costs the sum of val_nll_levels nats). All ranks
     take part on disjoint val batches; maskgit masks are seeded per batch so evals repeat."""
     raw_model.eval()
     n_val, totals = len(vcodes_mm), torch.zeros(3, L, device=device, dtype=torch.float64)
@@ -357,7 +374,7 @@ def generate_images(labels, chunk=500):
             codes = net.generate(lab, cfg_scale=grid_cfg_scale, temperature=grid_temperature,
                                  top_k=grid_top_k or None, steps=grid_steps if mode == "maskgit" else None,
                                  generator=g)
-            images.append(tok.decode(codes).float().cpu())
+            images.append(tok.decode(groups.join(codes) if groups else codes).float().cpu())
     return torch.cat(images)
 
 
