@@ -11,7 +11,7 @@ Covered, in this order (the slowest last, so a time limit cuts the least): fused
 (fused_linear_snce_levels, fused_linear_snce, snce_loss) forward and backward in fp32 / bf16,
 eager / compiled, soft / hard, every metric, masks and levels, against the dense float64 form
 (Eq. 5, 8, 11); code assignment under bf16 autocast; KV-cache AR and MaskGIT sampling logits
-against full forwards; a pretrained-format tokenizer under bf16 autocast; a 1-rank NCCL
+against full forwards; factorised heads (per-sub-token vocabularies); a pretrained-format tokenizer under bf16 autocast; a 1-rank NCCL
 torchrun; the ImageNet generator config for a few steps (bf16, compile, fused AdamW, EMA) and
 how close a resumed run comes to a straight one. Each measured error is appended to
 $GPU_CHECK_RECORD (JSON lines) when set, for the report. The unmarked tests at the end check the
@@ -315,6 +315,32 @@ def test_maskgit_sampling_logits(record, monkeypatch):
             want = (u + cfg_scale * (c - u))[mask[:B]]                      # (masked, K)
         errs.append(rel_err(torch.cat(got), want))
     record("MaskGIT logits vs full forward (max over passes)", max(errs), 1e-4)
+
+
+@gpu_test
+@pytest.mark.parametrize("mode", ["ar", "maskgit"])
+def test_factorized_heads_on_device(record, mode):
+    """Per-sub-token heads (support/factorized.py) on the device: each level's logits equal its
+    own head on the float64 CPU forward, and sampling draws every level from its own vocabulary."""
+    from support.factorized import make_gpt
+    torch.manual_seed(0)
+    Ks = (4, 16) if SMALL else (64, 4096)
+    cfg = GPTConfig(mode=mode, vocab_size=max(Ks), levels=2, level_vocab=Ks, grid_h=4, grid_w=4,
+                    num_classes=5, **MODELS["tiny" if SMALL else "mini"])
+    model = make_gpt(cfg).eval()
+    ref = copy.deepcopy(model).double()
+    dev = model.to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    codes = torch.stack([torch.randint(0, k, (3, 4, 4), generator=g) for k in Ks], -1)
+    labels = torch.tensor([0, 2, 4])
+    mask = model.sample_mask(3, generator=g, device="cpu") if mode == "maskgit" else None
+    with torch.no_grad():
+        got = dev(codes.to(DEVICE), labels.to(DEVICE), None if mask is None else mask.to(DEVICE))
+        want = ref(codes, labels, mask)
+    record("factorised logits vs float64", max(rel_err(a, b) for a, b in zip(got, want)), 1e-4)
+    out = dev.generate(labels.to(DEVICE), cfg_scale=2.0, generator=torch.Generator(DEVICE).manual_seed(0))
+    assert out.shape == (3, 4, 4, 2)
+    assert all(0 <= out[..., l].min() and out[..., l].max() < k for l, k in enumerate(Ks))
 
 
 # -----------------------------------------------------------------------------
