@@ -12,10 +12,10 @@ Covered, in this order (the slowest last, so a time limit cuts the least): fused
 eager / compiled, soft / hard, every metric, masks and levels, against the dense float64 form
 (Eq. 5, 8, 11); code assignment under bf16 autocast; KV-cache AR and MaskGIT sampling logits
 against full forwards; factorised heads (per-sub-token vocabularies); a pretrained-format
-tokenizer under bf16 autocast; a 1-rank NCCL torchrun; the ImageNet generator config for a few steps (bf16, compile, fused AdamW, EMA) and
-how close a resumed run comes to a straight one. Each measured error is appended to
-$GPU_CHECK_RECORD (JSON lines) when set, for the report. The unmarked tests at the end check the
-report's plumbing on any machine.
+tokenizer under bf16 autocast; a 1-rank NCCL torchrun; the ImageNet generator config for a few
+steps (bf16, compile, fused AdamW, EMA) and how close a resumed run comes to a straight one.
+Each measured error is appended to $GPU_CHECK_RECORD (JSON lines) when set, for the report. The
+unmarked tests at the end check the report's plumbing on any machine.
 """
 
 import copy
