@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support.implicit import implicit_codebook, implicit_quantize, lfq_levels
+from support.pretrained_arch import check_backbone
 from support.upstream_files import read_checkpoint, select_weights
 from tokenizer import TokenizerInterface, check_state, upcast
 
@@ -51,15 +52,9 @@ class LFQConfig:
         if self.family != "lfq" or self.metric != "l2" or self.levels != 1:
             raise ValueError(f"an LFQ tokenizer has family 'lfq', metric 'l2' and levels 1, got "
                              f"{self.family!r}, {self.metric!r}, {self.levels}")
-        widths = [self.ch] + [self.ch * m for m in self.ch_mult]
-        if any(w % 32 for w in widths) or self.num_res_blocks < 1 or not 1 <= self.code_dim <= 24:
-            raise ValueError(f"expected widths divisible by 32 (GroupNorm(32)), num_res_blocks "
-                             f">= 1 and 1 <= code_dim <= 24, got ch={self.ch}, ch_mult="
-                             f"{self.ch_mult}, num_res_blocks={self.num_res_blocks}, "
-                             f"code_dim={self.code_dim}")
-        if self.image_size % self.downsample:
-            raise ValueError(f"image_size must be divisible by downsample={self.downsample}, "
-                             f"got {self.image_size}")
+        if not 1 <= self.code_dim <= 24:
+            raise ValueError(f"expected 1 <= code_dim <= 24 (K = 2^code_dim), got {self.code_dim}")
+        check_backbone(self)
 
     @property
     def downsample(self):

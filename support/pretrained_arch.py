@@ -69,17 +69,24 @@ class PretrainedConfig:
         if self.levels != 1 or self.shared_codebook:
             raise ValueError(f"pretrained tokenizers are plain VQ: expected levels=1, shared_codebook="
                              f"False, got {self.levels}, {self.shared_codebook}")
-        widths = [self.ch] + [self.ch * m for m in self.ch_mult]
-        if any(w % 32 for w in widths) or self.num_res_blocks < 1:
-            raise ValueError(f"expected widths divisible by 32 (GroupNorm(32)) and num_res_blocks >= 1,"
-                             f" got ch={self.ch}, ch_mult={self.ch_mult}, num_res_blocks={self.num_res_blocks}")
-        if self.image_size % self.downsample:
-            raise ValueError(f"image_size must be divisible by downsample={self.downsample}, "
-                             f"got {self.image_size}")
+        check_backbone(self)
 
     @property
     def downsample(self):
         return 2 ** (len(self.ch_mult) - 1)
+
+
+def check_backbone(cfg):
+    """The conv backbone's rules, for every family's config (ch, ch_mult, num_res_blocks,
+    image_size, downsample): widths divisible by 32 (GroupNorm(32)), num_res_blocks >= 1, and
+    an image size the downsampling divides."""
+    widths = [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult]
+    if any(w % 32 for w in widths) or cfg.num_res_blocks < 1:
+        raise ValueError(f"expected widths divisible by 32 (GroupNorm(32)) and num_res_blocks >= 1,"
+                         f" got ch={cfg.ch}, ch_mult={cfg.ch_mult}, num_res_blocks={cfg.num_res_blocks}")
+    if cfg.image_size % cfg.downsample:
+        raise ValueError(f"image_size must be divisible by downsample={cfg.downsample}, "
+                         f"got {cfg.image_size}")
 
 
 FAMILY_METRIC = {"ibq": "dot", "llamagen": "cos"}

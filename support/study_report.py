@@ -167,6 +167,28 @@ def compute_seconds(out):
     return wall, pieces
 
 
+def write_results(a, parts, what=""):
+    """parts + the compute line -> out/results.md (atomically) and stdout; the text."""
+    wall, pieces = compute_seconds(a.out)
+    parts = parts + [f"Compute: {wall / 3600:.2f} h wall summed over the study.py invocations{what}, "
+                     f"{pieces / 3600:.2f} h summed over the pieces they ran side by side (--workers).\n"]
+    text = "\n".join(parts)
+    atomic_write_text(os.path.join(a.out, "results.md"), text)
+    print(text)
+    return text
+
+
+def pyplot(assets=None):
+    """matplotlib.pyplot on the file-only Agg backend (imported here, not at module load: the
+    runner needs no plotting), with the figure folder made."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if assets:
+        os.makedirs(assets, exist_ok=True)
+    return plt
+
+
 def report(a, jobs, sampling):
     """Write results.md and the figures for the planned jobs (study.plan) of args a; sampling: the
     evals' sampling options (study.sampling()), named in the text. -> the text of results.md."""
@@ -204,22 +226,13 @@ def report(a, jobs, sampling):
                      + " | ".join(p) + " |\n" + "|---" * (len(p) + 1) + "|\n| PSNR (dB) | "
                      + " | ".join(f"{v['psnr']:.2f}" for v in p.values()) + " |\n| accuracy | "
                      + " | ".join(f"{v['accuracy']:.3f}" for v in p.values()) + " |\n")
-    wall, pieces = compute_seconds(a.out)
-    parts.append(f"Compute: {wall / 3600:.2f} h wall summed over the study.py invocations (tokenizers, runs, FID, "
-                 f"premise), {pieces / 3600:.2f} h summed over the pieces they ran side by side (--workers).\n")
-    text = "\n".join(parts)
-    atomic_write_text(os.path.join(a.out, "results.md"), text)
-    print(text)
+    text = write_results(a, parts, " (tokenizers, runs, FID, premise)")
     plots(a, res, long)
     return text
 
 
 def plots(a, res, long):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(a.assets, exist_ok=True)
+    plt = pyplot(a.assets)
     ks = sorted(res)
     # headline: SNCE - CE at the last step vs K, one point per seed and the mean
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8))
@@ -307,9 +320,7 @@ def premise_figure(res, pics, real, big, path):
     """The premise stage's figure: rows of decoded val digits (the originals, then each k-th
     nearest code and random codes), beside PSNR and classifier accuracy vs k. res, pics, real:
     study.premise()'s results; big: the tokenizer's K."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ["original"] + list(pics)
     rows = len(names)

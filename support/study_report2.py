@@ -16,9 +16,10 @@ import os
 
 import numpy as np
 
-from support.common import atomic_write_text, read_json, save_figure
+from support.common import read_json, save_figure
 from support.study_plan import OBJECTIVES, TUNE_GRID, early_stop, report_jobs, tok_dir, tuned
-from support.study_report import METRICS, compute_seconds, digits, eval_curves, fmt, seed_stats, steps_to
+from support.study_report import (METRICS, digits, eval_curves, fmt, pyplot, seed_stats, steps_to,
+                                  write_results)
 from support.study_stats import (below_one, bootstrap_mean, bootstrap_slope, fmt_ratio, log_error_ratio,
                                  log_ratio)
 
@@ -235,22 +236,13 @@ def report2(a, sampling):
         parts.append(f"## K = {K:,}\n\nTuning:\n\n{tuning_table(K, r)}\n\nReported:\n\n{run_table(K, r, a.iters)}\n")
     parts.append(f"## Comparisons at the early-stopping step\n\n{comparison_table(comp)}\n")
     parts.append(f"## Verdicts\n\n{verdicts(a, res, comp)}\n")
-    wall, pieces = compute_seconds(a.out)
-    parts.append(f"Compute: {wall / 3600:.2f} h wall summed over the study.py invocations, {pieces / 3600:.2f} h "
-                 "summed over the pieces they ran side by side (--workers).\n")
-    text = "\n".join(parts)
-    atomic_write_text(os.path.join(a.out, "results.md"), text)
-    print(text)
+    text = write_results(a, parts)
     plots2(a, res, comp)
     return text
 
 
 def plots2(a, res, comp):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(a.assets, exist_ok=True)
+    plt = pyplot(a.assets)
     ks = sorted(res)
     # gain vs K: SNCE, the control and LS, each over tuned CE, with the bootstrap intervals
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -299,6 +299,15 @@ def test_full_size_layout_matches_upstream(name):
     assert A.infer_lfq_config(sd) == A.LFQConfig(**A.OPEN_MAGVIT2[name])
 
 
+@pytest.mark.parametrize("bad,match", [(dict(code_dim=25), "code_dim <= 24"), (dict(code_dim=0), "code_dim"),
+                                       (dict(ch=48), "divisible by 32"), (dict(num_res_blocks=0), "num_res_blocks"),
+                                       (dict(image_size=100), "divisible by downsample=16"),
+                                       (dict(metric="cos"), "metric 'l2'")])
+def test_lfq_config_refuses_bad_sizes(bad, match):
+    with pytest.raises(ValueError, match=match):
+        A.LFQConfig(**bad)
+
+
 def tiny_lfq(seed=0, D=6):
     torch.manual_seed(seed)
     m = A.LFQTokenizer(A.LFQConfig(image_size=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
