@@ -178,6 +178,23 @@ def write_results(a, parts, what=""):
     return text
 
 
+def grid_figure(plt, grids, cols, path):
+    """The (title, sample-grid png) pairs whose files exist, `cols` to a row, as one figure."""
+    grids = [(n, p) for n, p in grids if os.path.isfile(p)]
+    if not grids:
+        return
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (n, p) in zip(axes.flat, grids):
+        ax.imshow(plt.imread(p), cmap="gray")
+        ax.set_title(n, fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
 def pyplot(assets=None):
     """matplotlib.pyplot on the file-only Agg backend (imported here, not at module load: the
     runner needs no plotting), with the figure folder made."""
@@ -267,19 +284,7 @@ def plots(a, res, long):
     # final sample grids, first seed of each objective
     grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{runs[min(runs)]['iters']:06d}.png"))
              for r in (res, long) for K in sorted(r) for name, runs in r[K].items()]
-    grids = [(n, p) for n, p in grids if os.path.isfile(p)]
-    if grids:
-        cols = 4
-        rows = -(-len(grids) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.set_axis_off()
-        for ax, (n, p) in zip(axes.flat, grids):
-            ax.imshow(plt.imread(p), cmap="gray")
-            ax.set_title(n, fontsize=8)
-        fig.tight_layout()
-        save_figure(fig, os.path.join(a.assets, "study_grids.png"), dpi=100)
-        plt.close(fig)
+    grid_figure(plt, grids, 4, os.path.join(a.assets, "study_grids.png"))
     # perplexity sweep: final metric vs the target's perplexity, one colour per K; CE dashed
     sweeps = {K: sorted((float(n.split("=")[1]), r) for n, r in res[K].items() if n.startswith("SNCE p="))
               for K in ks}

@@ -18,8 +18,8 @@ import numpy as np
 
 from support.common import read_json, save_figure
 from support.study_plan import OBJECTIVES, TUNE_GRID, early_stop, report_jobs, tok_dir, tuned
-from support.study_report import (METRICS, digits, eval_curves, fmt, pyplot, seed_stats, steps_to,
-                                  write_results)
+from support.study_report import (METRICS, digits, eval_curves, fmt, grid_figure, pyplot, seed_stats,
+                                  steps_to, write_results)
 from support.study_stats import (below_one, bootstrap_mean, bootstrap_slope, fmt_ratio, log_error_ratio,
                                  log_ratio)
 
@@ -281,19 +281,7 @@ def plots2(a, res, comp):
     grids = [(f"K={K:,} {obj} (step {r['es'][0]})", os.path.join(r["dir"], f"samples_{r['es'][0]:06d}.png"))
              for K in ks for obj in OBJECTIVES if res[K]["runs"].get(obj)
              for r in [res[K]["runs"][obj][min(res[K]["runs"][obj])]]]
-    grids = [(n, p) for n, p in grids if os.path.isfile(p)]
-    if grids:
-        cols = len(OBJECTIVES)
-        rows = -(-len(grids) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.set_axis_off()
-        for ax, (n, p) in zip(axes.flat, grids):
-            ax.imshow(plt.imread(p), cmap="gray")
-            ax.set_title(n, fontsize=8)
-        fig.tight_layout()
-        save_figure(fig, os.path.join(a.assets, "study2_grids.png"), dpi=100)
-        plt.close(fig)
+    grid_figure(plt, grids, len(OBJECTIVES), os.path.join(a.assets, "study2_grids.png"))
     # the tuning: FLD and accuracy at the stop of each configuration, one line per K
     fig, axes = plt.subplots(2, len(TUNE_GRID), figsize=(4.2 * len(TUNE_GRID), 6.4), squeeze=False)
     for j, (obj, (_, key, vals, _)) in enumerate(TUNE_GRID.items()):
