@@ -113,7 +113,10 @@ class TokenGroups:
                              f"per position), got L={L} and {type(tok).__name__}")
         self.groups, self.D = groups, D
         self.level_values = as_levels(tok.level_values)
-        self.dims = group_dims(groups, D)             # raises unless the sizes sum to D
+        try:
+            self.dims = group_dims(groups, D)
+        except ValueError as e:
+            raise ValueError(f"token_groups={groups!r} for the tokenizer's {D} dims: {e}") from None
         self.books = [implicit_codebook([self.level_values[d] for d in g], device=device)
                       for g in self.dims]             # group g's codes (K_g, |g|)
         self.level_vocab = tuple(len(b) for b in self.books)

@@ -20,7 +20,7 @@ from support.encode import encode_split  # noqa: E402
 from support.implicit import factorized_snce, lfq_levels, split_codes  # noqa: E402
 from helpers import NUM_CLASSES, class_images  # noqa: E402
 from test_implicit import lightning, tiny_lfq  # noqa: E402
-from test_train import assert_same_run, base_args, read_log, run_script, run_train  # noqa: E402
+from test_train import assert_same_run, base_args, enc, read_log, run_script, run_train  # noqa: E402,F401
 
 GROUPS = "2,4"  # 6 LFQ bits: sub-tokens of 4 and 16 codes
 
@@ -41,7 +41,7 @@ def lfq_enc(tmp_path_factory):
 
 
 def args(enc, out, **kw):
-    return base_args(enc, out, tokenizer_ckpt=enc[2], token_groups=GROUPS, batch_size=4, **kw)
+    return base_args(enc, out, **{"tokenizer_ckpt": enc[2], "token_groups": GROUPS, "batch_size": 4, **kw})
 
 
 def test_per_level_heads_shapes_and_sampling():
@@ -205,3 +205,16 @@ def test_train_and_resume_exactly(lfq_enc, tmp_path, loss, mode):
                                  "--batch_size=4", f"--out_dir={tmp_path / 's'}"])
         npz = [f for f in os.listdir(tmp_path / "s") if f.endswith(".npz")]
         assert len(npz) == 1 and np.load(tmp_path / "s" / npz[0])["arr_0"].shape == (6, 16, 16, 3)
+
+
+def test_bad_token_groups_are_refused(lfq_enc, enc, tmp_path):
+    """Groups that do not cover the code's dims, options that assume one K-way codebook, and a
+    tokenizer with an explicit codebook each give a clear error before any training."""
+    cases = [(args(lfq_enc, str(tmp_path / "a"), token_groups="2,3"), r"token_groups=\(2, 3\) for the tokenizer.s 6 dims: .*summing to 6"),
+             (args(lfq_enc, str(tmp_path / "b"), loss="control"), "loss=control"),
+             (args(lfq_enc, str(tmp_path / "c"), loss="snce", target_perplexity=10), "target_perplexity"),
+             (args(lfq_enc, str(tmp_path / "d"), token_groups="2,x"), "token_groups"),
+             (base_args(enc, str(tmp_path / "e"), token_groups="2,2"), "implicit-codebook tokenizer")]
+    for argv, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run_train(argv)
