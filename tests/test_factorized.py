@@ -5,6 +5,7 @@ the sub-token's exact marginal target.
 A tiny random LFQ tokenizer (6 bits) encodes generated images with encode.py; no network."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -218,3 +219,18 @@ def test_bad_token_groups_are_refused(lfq_enc, enc, tmp_path):
     for argv, match in cases:
         with pytest.raises(ValueError, match=match):
             run_train(argv)
+
+
+@pytest.mark.slow  # a 2-process torchrun job
+def test_ddp_two_ranks_stay_identical(lfq_enc, tmp_path):
+    """Under DDP (gloo) every head's gradient is all-reduced like the shared head's: the ranks
+    end with the same weights (train.py compares them at the end of a DDP run)."""
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py")] + args(lfq_enc, out, loss="snce", tau=0.5, mode="maskgit", max_iters=3,
+                                                 eval_interval=100, gradient_accumulation_steps=2, batch_size=2)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "max |weight difference| between ranks = 0" in p.stdout, p.stdout[-2000:]
+    assert [r["iter"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
