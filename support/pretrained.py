@@ -26,6 +26,7 @@ import os
 import torch
 
 from support.common import load_checkpoint
+from support.fsq_arch import is_fsq_path, load_fsq
 from support.implicit_arch import is_lfq_state, load_lfq
 from support.pretrained_arch import LAYOUTS, PretrainedConfig, PretrainedTokenizer
 from support.upstream_files import IGNORED_PREFIXES, read_checkpoint, select_weights
@@ -149,12 +150,15 @@ def open_tokenizer(path, device="cpu", image_size=None, verbose=True):
     """A tokenizer checkpoint of any supported format -> (tokenizer, info). This repo's own
     (train_tokenizer.py's: a "model_config" entry) -> tokenizer.Tokenizer; anything else -> a
     PretrainedTokenizer (LFQ: implicit_arch.LFQTokenizer; VQGAN-LC: vqgan_arch.VQGANLCTokenizer).
-    info = {"kind": "repo" | "ibq" | "llamagen" | "lfq" | "vqgan-lc" | "fvq",
+    info = {"kind": "repo" | "ibq" | "llamagen" | "lfq" | "vqgan-lc" | "fvq" | "fsq",
     "weights": "main" | "ema",
     "config": the run config the file records ({} for pretrained files: dataset, data_root),
     "iter": its training iteration or None}. image_size: a pretrained file does not record it
     (256 for every public release), so it is required there; for a repo tokenizer it is checked
     against the checkpoint's when given."""
+    if is_fsq_path(path):  # Cosmos-Tokenizer DI: a model folder or its encoder.jit (fsq_arch.py)
+        tok = load_fsq(path, device, image_size, verbose=verbose)
+        return tok, {"kind": "fsq", "weights": tok.weights, "config": {}, "iter": None}
     if not os.path.isfile(path) and os.path.basename(path) in PUBLIC_FILES:
         raise FileNotFoundError(f"tokenizer checkpoint {path!r} not found: {os.path.basename(path)} "
                                 f"is the upstream name of {PUBLIC_FILES[os.path.basename(path)]}: download "
