@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from support.implicit import fsq_bound, fsq_levels, implicit_codebook, implicit_quantize
+from support.implicit import ImplicitCodes, fsq_bound, fsq_levels, implicit_quantize
 from tokenizer import TokenizerInterface, upcast
 
 ENCODER_FILE, DECODER_FILE = "encoder.jit", "decoder.jit"
@@ -92,7 +92,7 @@ class FSQConfig:
         return False
 
 
-class FSQTokenizer(TokenizerInterface, nn.Module):
+class FSQTokenizer(ImplicitCodes, TokenizerInterface, nn.Module):
     """Images (B, C, S, S) in [-1, 1] <-> codes (B, h, w, 1) in [0, K); latents z (B, h, w, D):
     the bounded encoder output, whose nearest code (l2) is the token. `enc` / `dec` are the
     loaded encoder.jit / decoder.jit; the codebook is enumerated only when `codebooks` is asked
@@ -103,7 +103,6 @@ class FSQTokenizer(TokenizerInterface, nn.Module):
         self.config = cfg
         self.enc, self.dec = enc, dec
         self.weights = "main"     # a TorchScript release holds one set of weights
-        self.enumerated = None
 
     @property
     def dtype(self):
@@ -115,12 +114,8 @@ class FSQTokenizer(TokenizerInterface, nn.Module):
         return fsq_levels(self.config.fsq_levels)
 
     @property
-    def codebooks(self):
-        """(1, K, D): row k = the code with index k (channel 0 the least significant digit)."""
-        device = self.enc.quant_conv.weight.device
-        if self.enumerated is None or self.enumerated.device != device:
-            self.enumerated = implicit_codebook(self.level_values, device=device)[None]
-        return self.enumerated
+    def code_device(self):
+        return self.enc.quant_conv.weight.device
 
     def raw_latents(self, images):
         """(B, C, S, S) -> quant_conv(encoder(x)) (B, D, h, w) in the file's dtype: what the
@@ -138,11 +133,6 @@ class FSQTokenizer(TokenizerInterface, nn.Module):
         """(B, C, S, S) -> z (B, h, w, D) = fsq_bound of the raw latents (|z| < 1.001)."""
         z = upcast(self.raw_latents(images)).permute(0, 2, 3, 1)
         return fsq_bound(z, self.config.fsq_levels)
-
-    @torch.no_grad()
-    def quantize(self, latents):
-        """(..., D) bounded latents -> codes (..., 1) int64: the nearest code's index."""
-        return implicit_quantize(upcast(latents), self.level_values).unsqueeze(-1)
 
     @torch.no_grad()
     def decode(self, codes):

@@ -186,6 +186,29 @@ def split_codes(codes, levels, groups):
                  for g in group_dims(groups, len(levels)))
 
 
+class ImplicitCodes:
+    """For a tokenizer whose codebook is implicit (its `level_values`, the codes on
+    `code_device`): the nearest-code `quantize` and the (1, K, D) `codebooks`, enumerated only
+    when asked for (a flat K-way head's SNCE; factorised heads never need it) and once per
+    device; not weights, so outside the state dict."""
+
+    enumerated = None
+
+    @property
+    def codebooks(self):
+        device = self.code_device
+        if self.enumerated is None or self.enumerated.device != device:
+            self.enumerated = implicit_codebook(self.level_values, device=device)[None]
+        return self.enumerated
+
+    @torch.no_grad()
+    def quantize(self, latents):
+        """(..., D) latents -> codes (..., 1) int64: the nearest code's index (l2)."""
+        if latents.dtype in (torch.float16, torch.bfloat16):   # stored / autocast latents
+            latents = latents.float()
+        return implicit_quantize(latents, self.level_values).unsqueeze(-1)
+
+
 # -----------------------------------------------------------------------------
 # the factorised neighbor distribution (Eq. 5) and its group marginals
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from support.implicit import implicit_codebook, implicit_quantize, lfq_levels
+from support.implicit import ImplicitCodes, lfq_levels
 from support.pretrained_arch import check_backbone
 from support.upstream_files import read_checkpoint, select_weights
-from tokenizer import TokenizerInterface, check_state, upcast
+from tokenizer import TokenizerInterface, check_state
 
 
 @dataclass
@@ -190,7 +190,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class LFQTokenizer(TokenizerInterface, nn.Module):
+class LFQTokenizer(ImplicitCodes, TokenizerInterface, nn.Module):
     """Images (B, C, S, S) in [-1, 1] <-> codes (B, h, w, 1) in [0, 2^D); latents z (B, h, w, D).
     The same interface as tokenizer.Tokenizer with L = 1; the codebook is enumerated only when
     `codebooks` is asked for (flat-head SNCE; a factorised head uses support.implicit)."""
@@ -200,7 +200,6 @@ class LFQTokenizer(TokenizerInterface, nn.Module):
         self.config = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.weights = "init"     # which set load_lfq loaded: "ema" | "main"
-        self.enumerated = None    # the (1, 2^D, D) codebook, once `codebooks` is asked for
 
     @property
     def level_values(self):
@@ -208,23 +207,13 @@ class LFQTokenizer(TokenizerInterface, nn.Module):
         return lfq_levels(self.config.code_dim)
 
     @property
-    def codebooks(self):
-        """(1, 2^D, D) sign vectors, index bit d = (c_d > 0); built once per device (not weights:
-        outside the state dict, like upstream's non-persistent codebook buffer)."""
-        device = self.decoder.conv_in.weight.device
-        if self.enumerated is None or self.enumerated.device != device:
-            self.enumerated = implicit_codebook(self.level_values, device=device)[None]
-        return self.enumerated
+    def code_device(self):
+        return self.decoder.conv_in.weight.device
 
     def encode_latents(self, images):
         """(B, C, S, S) -> z (B, h, w, D): the encoder output whose signs are the code."""
         self._check_images(images)
         return self.encoder(images).permute(0, 2, 3, 1)
-
-    @torch.no_grad()
-    def quantize(self, latents):
-        """(..., D) -> codes (..., 1) int64, sum_d (z_d > 0) 2^d."""
-        return implicit_quantize(upcast(latents), self.level_values).unsqueeze(-1)
 
     @torch.no_grad()
     def decode(self, codes):
