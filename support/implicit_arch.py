@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support.implicit import ImplicitCodes, lfq_levels
-from support.pretrained_arch import check_backbone
+from support.pretrained_arch import check_backbone, count_indexed
 from support.upstream_files import read_checkpoint, select_weights
 from tokenizer import TokenizerInterface, check_state
 
@@ -234,19 +234,12 @@ def is_lfq_state(sd):
     return "encoder.down.0.block.0.conv1.weight" in sd and "encoder.mid_block.0.conv1.weight" in sd
 
 
-def _count(sd, fmt):
-    n = 0
-    while fmt.format(n) in sd:
-        n += 1
-    return n
-
-
 def infer_lfq_config(sd, image_size=256):
     """The architecture from the tensor shapes of an upstream state dict."""
-    n = _count(sd, "encoder.down.{}.block.0.conv1.weight")
+    n = count_indexed(sd, "encoder.down.{}.block.0.conv1.weight")
     ch = sd["encoder.conv_in.weight"].shape[0]
     return LFQConfig(image_size=image_size, in_channels=sd["encoder.conv_in.weight"].shape[1],
-                     ch=ch, num_res_blocks=_count(sd, "encoder.down.0.block.{}.conv1.weight"),
+                     ch=ch, num_res_blocks=count_indexed(sd, "encoder.down.0.block.{}.conv1.weight"),
                      ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
                                    for i in range(n)),
                      code_dim=sd["encoder.conv_out.weight"].shape[0])

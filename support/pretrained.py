@@ -28,7 +28,7 @@ import torch
 from support.common import load_checkpoint
 from support.fsq_arch import is_fsq_path, load_fsq
 from support.implicit_arch import is_lfq_state, load_lfq
-from support.pretrained_arch import LAYOUTS, PretrainedConfig, PretrainedTokenizer
+from support.pretrained_arch import PretrainedConfig, PretrainedTokenizer, backbone_sizes
 from support.upstream_files import IGNORED_PREFIXES, read_checkpoint, select_weights
 from support.vqgan_arch import as_fvq, is_fvq_file, is_vqgan_lc_state, load_vqgan_lc
 from tokenizer import Tokenizer, check_state
@@ -72,27 +72,11 @@ def _layout(sd):
     return None
 
 
-def _count(sd, fmt):
-    n = 0
-    while fmt.format(n) in sd:
-        n += 1
-    return n
-
-
 def infer_config(family, sd, image_size=256):
     """The architecture from the tensor shapes of an upstream state dict (every release size)."""
-    enc, dec, res, _ = LAYOUTS[family]
-    n = _count(sd, f"encoder.{enc}.{{}}.{res}.0.conv1.weight")
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    run_to_res = (lambda k: k) if family == "ibq" else (lambda k: n - 1 - k)  # decoder index -> level
     K, D = sd["quantize.embedding.weight"].shape
-    return PretrainedConfig(
-        family=family, image_size=image_size, in_channels=sd["encoder.conv_in.weight"].shape[1], ch=ch,
-        ch_mult=tuple(sd[f"encoder.{enc}.{i}.{res}.0.conv1.weight"].shape[0] // ch for i in range(n)),
-        num_res_blocks=_count(sd, f"encoder.{enc}.0.{res}.{{}}.conv1.weight"),
-        enc_attn=tuple(i for i in range(n) if f"encoder.{enc}.{i}.attn.0.q.weight" in sd),
-        dec_attn=tuple(sorted(run_to_res(k) for k in range(n) if f"decoder.{dec}.{k}.attn.0.q.weight" in sd)),
-        z_channels=sd["encoder.conv_out.weight"].shape[0], code_dim=D, codebook_size=K)
+    return PretrainedConfig(family=family, image_size=image_size, **backbone_sizes(sd, family),
+                            code_dim=D, codebook_size=K)
 
 
 def _main_state(ck, path):

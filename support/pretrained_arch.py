@@ -103,6 +103,32 @@ PRETRAINED = {  # the public ImageNet 256 px releases (Emu3.5's: sizes come from
 LAYOUTS = {"ibq": ("down", "up", "block", ("block_1", "attn_1", "block_2")),
            "llamagen": ("conv_blocks", "conv_blocks", "res", ("0", "1", "2"))}
 
+
+def count_indexed(sd, fmt):
+    """How many of fmt.format(0), fmt.format(1), .. are keys of the state dict, in a row."""
+    n = 0
+    while fmt.format(n) in sd:
+        n += 1
+    return n
+
+
+def backbone_sizes(sd, family):
+    """The encoder / decoder sizes of an upstream state dict named as `family`'s (LAYOUTS; taming
+    names are "ibq"): PretrainedConfig's in_channels, ch, ch_mult, num_res_blocks, enc_attn,
+    dec_attn and z_channels, read from the tensor shapes (every release size)."""
+    enc, dec, res, _ = LAYOUTS[family]
+    n = count_indexed(sd, f"encoder.{enc}.{{}}.{res}.0.conv1.weight")
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    run_to_res = (lambda k: k) if family == "ibq" else (lambda k: n - 1 - k)  # decoder index -> level
+    return dict(
+        in_channels=sd["encoder.conv_in.weight"].shape[1], ch=ch,
+        ch_mult=tuple(sd[f"encoder.{enc}.{i}.{res}.0.conv1.weight"].shape[0] // ch for i in range(n)),
+        num_res_blocks=count_indexed(sd, f"encoder.{enc}.0.{res}.{{}}.conv1.weight"),
+        enc_attn=tuple(i for i in range(n) if f"encoder.{enc}.{i}.attn.0.q.weight" in sd),
+        dec_attn=tuple(sorted(run_to_res(k) for k in range(n) if f"decoder.{dec}.{k}.attn.0.q.weight" in sd)),
+        z_channels=sd["encoder.conv_out.weight"].shape[0])
+
+
 # -----------------------------------------------------------------------------
 # modules (VQGAN's ResNet encoder / decoder; names as upstream so state dicts load unchanged)
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from snce import nearest_code
-from support.pretrained_arch import Decoder, Encoder, PretrainedConfig, PretrainedTokenizer
+from support.pretrained_arch import Decoder, Encoder, PretrainedConfig, PretrainedTokenizer, backbone_sizes
 from support.upstream_files import read_checkpoint, select_weights
 from tokenizer import TokenizerInterface, check_state, upcast
 
@@ -170,17 +170,9 @@ def is_vqgan_lc_state(sd):
     return "tok_embeddings.weight" in sd and "encoder.down.0.block.0.conv1.weight" in sd
 
 
-def _count(sd, fmt):
-    n = 0
-    while fmt.format(n) in sd:
-        n += 1
-    return n
-
-
 def infer_vqgan_lc_config(sd, image_size=256):
-    """The architecture from the tensor shapes of an upstream state dict (every size)."""
-    n = _count(sd, "encoder.down.{}.block.0.conv1.weight")
-    ch = sd["encoder.conv_in.weight"].shape[0]
+    """The architecture from the tensor shapes of an upstream state dict (every size): the
+    backbone in taming names, as IBQ's, then the codebook and its projector."""
     K, width = sd["tok_embeddings.weight"].shape
     if "codebook_projection.weight" in sd:
         projector, hidden = "linear", 256
@@ -188,14 +180,9 @@ def infer_vqgan_lc_config(sd, image_size=256):
         projector, hidden = "mlp", sd["codebook_projection.0.weight"].shape[0]
     else:
         projector, hidden = "none", 256
-    return VQGANLCConfig(
-        image_size=image_size, in_channels=sd["encoder.conv_in.weight"].shape[1], ch=ch,
-        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n)),
-        num_res_blocks=_count(sd, "encoder.down.0.block.{}.conv1.weight"),
-        enc_attn=tuple(i for i in range(n) if f"encoder.down.{i}.attn.0.q.weight" in sd),
-        dec_attn=tuple(i for i in range(n) if f"decoder.up.{i}.attn.0.q.weight" in sd),
-        z_channels=sd["encoder.conv_out.weight"].shape[0], code_dim=sd["quant_conv.weight"].shape[0],
-        codebook_size=K, feature_dim=width, projector=projector, proj_hidden=hidden)
+    return VQGANLCConfig(image_size=image_size, **backbone_sizes(sd, "ibq"),
+                         code_dim=sd["quant_conv.weight"].shape[0], codebook_size=K, feature_dim=width,
+                         projector=projector, proj_hidden=hidden)
 
 
 # the training-only modules a VQGAN-LC state dict holds beside the tokenizer's own
