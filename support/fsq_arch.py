@@ -281,22 +281,23 @@ def load_fsq(path, device="cpu", image_size=None, decoder_path=None, dtype=None,
     if dtype is not None:
         enc, dec = enc.to(dtype), dec.to(dtype)
     tok = FSQTokenizer(cfg, enc, dec).eval()
-    try:   # the quantizer, then one tiny image through both files: a dtype the trace does not
-        # allow fails here
+    try:   # the quantizer, then one image of the asked size through both files: a dtype or an
+        # image size the trace does not allow fails here, not in the middle of an encoding
         check_convention(enc.quantizer, levels, tok.dtype, device, path=enc_path)
         with torch.no_grad():
-            probe = torch.zeros(1, in_channels, downsample, downsample, device=device)
+            probe = torch.zeros(1, in_channels, image_size, image_size, device=device)
             zq = enc.quant_conv(enc.encoder(probe.to(tok.dtype)))
             dec(torch.zeros(zq.shape[:1] + zq.shape[2:], dtype=torch.int32, device=device))
     except RuntimeError as e:
-        raise ValueError(f"{enc_path}: the traced files do not run in {tok.dtype} "
-                         f"({str(e).strip().splitlines()[-1][:200]}): a trace repeats the dtype "
-                         "casts it was recorded with; load with dtype=None (the file's own)"
+        raise ValueError(f"{enc_path}: the traced files do not run on a {image_size} px image in "
+                         f"{tok.dtype} ({str(e).strip().splitlines()[-1][:200]}): a trace repeats "
+                         "the dtype casts it was recorded with (load with dtype=None, the file's "
+                         "own) and may fix shapes it saw (use the image size it was exported at)"
                          ) from None
-    if tuple(zq.shape[2:]) != (1, 1):
-        raise ValueError(f"{enc_path}: a {downsample} px image gave a {tuple(zq.shape[2:])} latent "
-                         f"grid, not (1, 1): the downsampling read from the file ({downsample}) is "
-                         "wrong (an input that is not 3-channel?)")
+    if tuple(zq.shape[2:]) != (tok.grid, tok.grid):
+        raise ValueError(f"{enc_path}: a {image_size} px image gave a {tuple(zq.shape[2:])} latent "
+                         f"grid, not ({tok.grid}, {tok.grid}): the downsampling read from the file "
+                         f"({downsample}) is wrong (an input that is not 3-channel?)")
     if verbose:
         print(f"{path}: fsq tokenizer (Cosmos-Tokenizer DI), levels {levels}, "
               f"K={cfg.codebook_size}, D={cfg.code_dim}, metric l2, {tok.dtype}, "

@@ -401,7 +401,7 @@ def test_bfloat16_export_like_the_releases(tmp_path):
     torch.testing.assert_close(z, fsq_bound(raw.float().permute(0, 2, 3, 1), LEVELS))
     assert (codes[..., 0] == idx.long()).float().mean() > 0.9
     assert tok.decode(codes).dtype == torch.float32
-    with pytest.raises(ValueError, match="do not run in torch.float32"):
+    with pytest.raises(ValueError, match="do not run on a 16 px image in torch.float32"):
         Q.load_fsq(folder, image_size=16, dtype=torch.float32, verbose=False)
 
 
