@@ -195,6 +195,12 @@ def grid_figure(plt, grids, cols, path):
     plt.close(fig)
 
 
+def legend(ax, fontsize=7):
+    """ax.legend, when something on ax has a label (an empty legend only warns)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+
+
 def pyplot(assets=None):
     """matplotlib.pyplot on the file-only Agg backend (imported here, not at module load: the
     runner needs no plotting), with the figure folder made."""
@@ -277,7 +283,7 @@ def plots(a, res, long):
                 ax.plot(its, m, "-", color=f"C{i}", label=name)
                 ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
             ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
-        row[0].legend(fontsize=7)
+        legend(row[0], 7)
     fig.tight_layout()
     save_figure(fig, os.path.join(a.assets, "study_curves.png"), dpi=100)
     plt.close(fig)
@@ -305,7 +311,7 @@ def plots(a, res, long):
             ax.set(xscale="log", xlabel="target perplexity exp H(q)", ylabel=label,
                    title=f"final {label} vs softness ({'higher' if up else 'lower'} is better)")
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6)
+                legend(ax, 6)
         ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
         if toy.get("tau_sweep"):
             t = sorted(toy["tau_sweep"], key=float)
@@ -313,7 +319,7 @@ def plots(a, res, long):
                     label="SNCE")
             ax.axhline(np.mean(toy["ce"]["tv"]), color="C0", ls="--", label="CE")
             ax.set(xscale="log", xlabel="tau", ylabel="TV to the true cell probabilities", title="toy.py: TV vs tau")
-            ax.legend(fontsize=7)
+            legend(ax, 7)
         else:
             ax.set_axis_off()
         fig.tight_layout()
@@ -343,7 +349,7 @@ def premise_figure(res, pics, real, big, path):
         ax.plot([int(k) for k in ks], [res[k][key] for k in ks], "o-")
         ax.axhline(res["random"][key], ls="--", color="gray", label="random code")
         ax.set(xscale="log", xlabel="k (k-th nearest code)", ylabel=label)
-        ax.legend(fontsize=7)
+        legend(ax, 7)
     fig.suptitle(f"K = {big:,}: val digits decoded with every token replaced by its k-th nearest code")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_figure(fig, path, dpi=100)

@@ -18,8 +18,8 @@ import numpy as np
 
 from support.common import read_json, save_figure
 from support.study_plan import OBJECTIVES, TUNE_GRID, early_stop, report_jobs, tok_dir, tuned
-from support.study_report import (METRICS, digits, eval_curves, fmt, grid_figure, pyplot, seed_stats,
-                                  steps_to, write_results)
+from support.study_report import (METRICS, digits, eval_curves, fmt, grid_figure, legend, pyplot,
+                                  seed_stats, steps_to, write_results)
 from support.study_stats import (below_one, bootstrap_mean, bootstrap_slope, fmt_ratio, log_error_ratio,
                                  log_ratio)
 
@@ -115,7 +115,9 @@ def comparisons(res):
 
 
 def verdict(name, held, lines):
-    return f"- **{name}: {'held' if held else 'not held'}.** " + " ".join(lines)
+    """held: True / False, or None while the runs it needs are not finished."""
+    state = "not measured yet" if held is None else "held" if held else "not held"
+    return f"- **{name}: {state}.** " + " ".join(lines)
 
 
 def verdicts(a, res, comp):
@@ -126,7 +128,7 @@ def verdicts(a, res, comp):
         per = comp.get(pair, {})
         txt = [f"K = {K:,} ({len(s)} seeds): error ratio {fmt_ratio(*e)}, FLD ratio {fmt_ratio(*f)}."
                for K, (s, e, f) in sorted(per.items())]
-        held = big in per and below_one(*per[big][1]) and below_one(*per[big][2])
+        held = (below_one(*per[big][1]) and below_one(*per[big][2])) if big in per else None
         return verdict(name, held, txt + [f"(held: both intervals below 1 at K = {big:,})"] if big else txt)
 
     out.append(pair_verdict("SNCE beats tuned CE", ("SNCE", "CE")))
@@ -142,7 +144,7 @@ def verdicts(a, res, comp):
                        f"[{np.exp(lo * np.log(2)):.2f}, {np.exp(hi * np.log(2)):.2f}] per doubling of K.")
         out.append(verdict("The gain grows with K", held, txt + ["(held: both intervals below 1)"]))
     else:
-        out.append(verdict("The gain grows with K", False, ["fewer than 2 K's with >= 2 paired seeds."]))
+        out.append(verdict("The gain grows with K", None, ["fewer than 2 K's with >= 2 paired seeds."]))
     out.append(pair_verdict("Tuned label smoothing beats tuned CE", ("LS", "CE")))
     out.append(pair_verdict("SNCE beats tuned label smoothing", ("SNCE", "LS")))
     vals = TUNE_GRID["SNCE"][2]
@@ -166,15 +168,15 @@ def steps_to_quality(snce, ce):
 
 
 def steps_verdict(res, big):
-    txt, held = [], big is not None
+    txt, held = [], None
     for K, r in sorted(res.items()):
         S, C = r["runs"].get("SNCE", {}), r["runs"].get("CE", {})
         seeds = sorted(set(S) & set(C))
         each = [(steps_to_quality(S[s], C[s]), C[s]["es"][0]) for s in seeds]
         txt.append(f"K = {K:,}: SNCE / CE's stop, per seed: " + ", ".join(
             f"{'never' if n is None else n} / {c}" for n, c in each) + ".")
-        if K == big:
-            held &= bool(each) and all(n is not None and n < c for n, c in each)
+        if K == big and each:
+            held = all(n is not None and n < c for n, c in each)
     return verdict("SNCE reaches tuned CE's early-stopped quality (FLD and accuracy) in fewer steps", held,
                    txt + [f"(held: sooner than CE's own stop in every seed at K = {big:,})" if big else ""])
 
@@ -182,12 +184,12 @@ def steps_verdict(res, big):
 def ninety(a, res, big):
     """>= 90% accuracy at the largest K for the better tuned objective, or the measured reasons."""
     if big is None:
-        return verdict(">= 90% conditional accuracy at the largest K", False, ["no K finished."])
+        return verdict(">= 90% conditional accuracy at the largest K", None, ["no K finished."])
     runs = res[big]["runs"]
     means = {o: np.mean([r["es"][1]["sample_accuracy"] for r in runs[o].values()]) for o in ("CE", "LS", "SNCE")
              if runs.get(o)}
     if not means:
-        return verdict(">= 90% conditional accuracy at the largest K", False, ["no reported runs."])
+        return verdict(">= 90% conditional accuracy at the largest K", None, ["no reported runs."])
     best = max(means, key=means.get)
     txt = [f"the better tuned objective at K = {big:,} is {best}: accuracy {means[best]:.3f} at its stop."]
     if means[best] < 0.9:
@@ -258,7 +260,7 @@ def plots2(a, res, comp):
                 ax.plot([xx] * len(per[K][0]), np.exp(paired(res[K], obj, "CE")[i]), ".", color=f"C{j + 1}", alpha=0.4)
         ax.axhline(1, color="k", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="codebook size K", ylabel=f"{scale} (< 1: better than CE)")
-        ax.legend(fontsize=7)
+        legend(ax, 7)
     fig.tight_layout()
     save_figure(fig, os.path.join(a.assets, "study2_gain.png"), dpi=110)
     plt.close(fig)
@@ -273,7 +275,7 @@ def plots2(a, res, comp):
                     ax.plot(its, m, "-", color=f"C{i}", label=obj)
                     ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
             ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
-        row[0].legend(fontsize=7)
+        legend(row[0], 7)
     fig.tight_layout()
     save_figure(fig, os.path.join(a.assets, "study2_curves.png"), dpi=100)
     plt.close(fig)
@@ -294,7 +296,7 @@ def plots2(a, res, comp):
                 ax.plot([c], [t[vals[c]][1][mkey]], "*", ms=14, color=f"C{i}")
             ax.set(xticks=range(len(vals)), xticklabels=[f"{v:g}" for v in vals], xlabel=f"{obj}: {key}",
                    ylabel=mlabel)
-            ax.legend(fontsize=7)
+            legend(ax, 7)
     fig.tight_layout()
     save_figure(fig, os.path.join(a.assets, "study2_tuning.png"), dpi=100)
     plt.close(fig)

@@ -391,7 +391,7 @@ def test_v2_plan_reports_three_tokenizers_and_never_the_tuning_seed():
     assert a.design == "v2" and max(a.ks) / min(a.ks) >= 32 and a.fid_samples == 0
     assert all(j.role == "tune" and j.tok == j.seed == a.tune_seed for j in a.jobs)
     n = {obj: sum(j.label == obj for j in a.jobs if j.K == a.ks[0]) for obj in study_plan.TUNE_GRID}
-    assert n["CE"] >= n["SNCE"] and n["LS"] >= n["SNCE"] and n["SNCE"] == 3  # as many configs as SNCE's sweep
+    assert n["CE"] >= n["SNCE"] and n["LS"] >= n["SNCE"] and n["SNCE"] == 4  # as many configs as SNCE's sweep
     chosen = {"CE": 0.1, "LS": 0.3, "SNCE": 25.0}
     rep = [j for K in a.ks for j in study_plan.report_jobs(K, a.tok_seeds, chosen)]
     names = [j.name for j in rep + a.jobs]
@@ -420,7 +420,7 @@ def test_v2_plan_table_sums_its_rows():
     rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2].isdigit()]
     total = sum(int(r[2]) * float(r[3].replace(",", "")) for r in rows)
     assert hours == pytest.approx(total / 3600, rel=1e-3) and wall == pytest.approx(hours / 2)
-    assert len(rows) == 12 and [int(r[2]) for r in rows[:4]] == [4, 9, 9, 3]
+    assert len(rows) == 12 and [int(r[2]) for r in rows[:4]] == [4, 12, 9, 3]
     assert study_plan.piece_seconds("run", 512) == (350, "<= K=1,024's")
     assert study_plan.piece_seconds("run", 32768) == (2340.0, "estimate, linear in K")
     assert study_plan.piece_seconds("tokenizer", 4096) == (985, "measured")
@@ -474,7 +474,7 @@ def test_selection_reads_only_the_tuning_seed(tmp_path):
     read = []
     got = study_plan.tuned(out, 64, lambda d: read.append(d) or study_report.eval_curves(d), 9, iters=8)
     assert got[0] == {"CE": 0.1, "LS": 0.03, "SNCE": 25.0}
-    assert len(read) == 9 and all(os.sep + "runs_tok9" + os.sep in d for d in read)
+    assert len(read) == 12 and all(os.sep + "runs_tok9" + os.sep in d for d in read)
     assert study_plan.tuned(out, 64, study_report.eval_curves, 9, iters=12) is None  # not at its last step yet
     assert study_plan.tuned(out, 128, study_report.eval_curves, 9) is None  # nothing run
 
@@ -612,6 +612,20 @@ def test_v2_report_on_a_synthetic_layout(tmp_path):
         assert f.read() == text
     with pytest.raises(SystemExit, match="no K with its tuning finished"):
         study.main(["--report_only", "--out", str(tmp_path / "empty")])
+
+
+def test_v2_report_with_tuning_only_says_not_measured_yet(tmp_path):
+    """Tuning finished, no reported run yet: the verdicts that need reported runs say so, none
+    says "not held"; the perplexity verdict reads the tuning alone."""
+    out = str(tmp_path)
+    write_tuning(out, 64, 9, {"CE": 0.1, "LS": 0.1, "SNCE": 25.0})
+    text = study.main(["--report_only", "--out", out, "--assets", os.path.join(out, "assets"), "--ks", "64",
+                       "--iters", "8", "--evals", "2"])
+    verdicts = [r for r in text.splitlines() if r.startswith("- **")]
+    assert len(verdicts) == 8
+    assert sum(": not measured yet.**" in r for r in verdicts) == 7
+    assert any("SNCE's best perplexity lies inside the sweep: held.**" in r for r in verdicts)
+    assert not any(": not held.**" in r for r in verdicts)
 
 
 def test_v2_report_says_why_not_90_percent(tmp_path):
