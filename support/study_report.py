@@ -178,6 +178,23 @@ def write_results(a, parts, what=""):
     return text
 
 
+def curves_figure(plt, ks, series, path):
+    """One row per K, one column per metric: each series' mean over seeds and its range against
+    the step. series(K) -> [(colour index, label, {seed: run curves})]."""
+    fig, axes = plt.subplots(len(ks), len(METRICS), figsize=(4.5 * len(METRICS), 3.3 * len(ks)), squeeze=False)
+    for row, K in zip(axes, ks):
+        for ax, (key, label, _) in zip(row, METRICS):
+            for i, name, runs in series(K):
+                its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
+                ax.plot(its, m, "-", color=f"C{i}", label=name)
+                ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
+            ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
+        legend(row[0], 7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
 def grid_figure(plt, grids, cols, path):
     """The (title, sample-grid png) pairs whose files exist, `cols` to a row, as one figure."""
     grids = [(n, p) for n, p in grids if os.path.isfile(p)]
@@ -275,18 +292,8 @@ def plots(a, res, long):
     save_figure(fig, os.path.join(a.assets, "study_delta.png"), dpi=110)
     plt.close(fig)
     # curves per K
-    fig, axes = plt.subplots(len(ks), len(METRICS), figsize=(4.5 * len(METRICS), 3.3 * len(ks)), squeeze=False)
-    for row, K in zip(axes, ks):
-        for ax, (key, label, _) in zip(row, METRICS):
-            for i, (name, runs) in enumerate(res[K].items()):
-                its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
-                ax.plot(its, m, "-", color=f"C{i}", label=name)
-                ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
-            ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
-        legend(row[0], 7)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(a.assets, "study_curves.png"), dpi=100)
-    plt.close(fig)
+    curves_figure(plt, ks, lambda K: [(i, n, runs) for i, (n, runs) in enumerate(res[K].items())],
+                  os.path.join(a.assets, "study_curves.png"))
     # final sample grids, first seed of each objective
     grids = [(f"K={K:,} {name}", os.path.join(runs[min(runs)]["dir"], f"samples_{runs[min(runs)]['iters']:06d}.png"))
              for r in (res, long) for K in sorted(r) for name, runs in r[K].items()]

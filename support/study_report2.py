@@ -18,8 +18,8 @@ import numpy as np
 
 from support.common import read_json, save_figure
 from support.study_plan import OBJECTIVES, TUNE_GRID, early_stop, report_jobs, tok_dir, tuned
-from support.study_report import (METRICS, digits, eval_curves, fmt, grid_figure, legend, pyplot,
-                                  seed_stats, steps_to, write_results)
+from support.study_report import (METRICS, curves_figure, digits, eval_curves, fmt, grid_figure, legend,
+                                  pyplot, steps_to, write_results)
 from support.study_stats import (below_one, bootstrap_mean, bootstrap_slope, fmt_ratio, log_error_ratio,
                                  log_ratio)
 
@@ -265,20 +265,8 @@ def plots2(a, res, comp):
     save_figure(fig, os.path.join(a.assets, "study2_gain.png"), dpi=110)
     plt.close(fig)
     # curves per K, mean over seeds with the range
-    fig, axes = plt.subplots(len(ks), len(METRICS), figsize=(4.5 * len(METRICS), 3.3 * len(ks)), squeeze=False)
-    for row, K in zip(axes, ks):
-        for ax, (key, label, _) in zip(row, METRICS):
-            for i, obj in enumerate(OBJECTIVES):
-                runs = res[K]["runs"].get(obj)
-                if runs:
-                    its, m, lo, hi = seed_stats([r[key] for r in runs.values()])
-                    ax.plot(its, m, "-", color=f"C{i}", label=obj)
-                    ax.fill_between(its, lo, hi, color=f"C{i}", alpha=0.15)
-            ax.set(xlabel="step", ylabel=label, title=f"K = {K:,}: {label}")
-        legend(row[0], 7)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(a.assets, "study2_curves.png"), dpi=100)
-    plt.close(fig)
+    curves_figure(plt, ks, lambda K: [(i, o, res[K]["runs"][o]) for i, o in enumerate(OBJECTIVES)
+                                       if res[K]["runs"].get(o)], os.path.join(a.assets, "study2_curves.png"))
     # sample grids at the stop, first reported seed of each objective
     grids = [(f"K={K:,} {obj} (step {r['es'][0]})", os.path.join(r["dir"], f"samples_{r['es'][0]:06d}.png"))
              for K in ks for obj in OBJECTIVES if res[K]["runs"].get(obj)
