@@ -317,8 +317,7 @@ def plots(a, res, long):
                     ax.axhline(np.mean(ce), ls="--", color=f"C{i}", lw=1, label=f"CE, K = {K:,}")
             ax.set(xscale="log", xlabel="target perplexity exp H(q)", ylabel=label,
                    title=f"final {label} vs softness ({'higher' if up else 'lower'} is better)")
-            if ax.get_legend_handles_labels()[0]:
-                legend(ax, 6)
+            legend(ax, 6)
         ax = axes[-1]  # the toy (toy.py): the same question where the truth is known
         if toy.get("tau_sweep"):
             t = sorted(toy["tau_sweep"], key=float)
